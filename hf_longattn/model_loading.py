@@ -1,0 +1,320 @@
+"""Load just the part of a causal LM that the scored layers' attention needs (safetensors or GGUF only).
+
+For a safetensors checkpoint (local folder or Hub repo, sharded or not) only these tensors are
+read: the token embeddings, every layer below the deepest scored one in full, and of the deepest
+scored layer its input norm, q/k projections and q/k norms. With a
+``model.safetensors.index.json`` only the shards holding them are opened (or downloaded):
+for LLaMA-3.1-70B at layer 0 that is one ~5 GB shard of 141 GB. GGUF files are read by
+transformers' GGUF loader, truncated to the scored layers. Pickled ``.bin`` checkpoints are
+refused unless the caller opts in, and ``trust_remote_code`` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention_hook import ATTENTION_NAME, register_attention
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from.
+
+    Attributes:
+        kind (`str`): ``"gguf"`` (a local ``.gguf`` file), ``"local"`` (a folder) or ``"hub"`` (a repo id).
+        location (`str`): the folder (for ``gguf``: the file's folder) or the Hub repo id.
+        gguf_file (`str`, *optional*): the GGUF file name inside ``location``.
+        revision (`str`, *optional*): Hub revision (branch, tag or commit).
+    """
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    @property
+    def from_pretrained_kwargs(self) -> dict:
+        """Keyword arguments that point ``*.from_pretrained(self.location, ...)`` at this source."""
+        kwargs: dict = {}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        if self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading read: ``bytes_read`` of tensors out of a checkpoint of ``checkpoint_bytes``, from ``files``."""
+
+    bytes_read: int
+    checkpoint_bytes: int
+    files: tuple[str, ...]
+
+
+def resolve_source(model: str | os.PathLike, revision: str | None = None) -> ModelSource:
+    """Classify ``model`` as a local ``.gguf`` file, a local folder, or a Hub repo id."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf file; pass a model folder, a .gguf file or a Hub id")
+        return ModelSource("gguf", str(path.parent.resolve()), path.name, None)
+    if path.is_dir():
+        return ModelSource("local", str(path.resolve()), None, None)
+    text = str(model)
+    if text.endswith(".gguf") or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"model path {model} does not exist (and it is not a Hub repo id)")
+    return ModelSource("hub", str(model), None, revision)
+
+
+def _sha256_file(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_fingerprint(source: ModelSource, layers: tuple[int, ...] = (0,)) -> str:
+    """A string that changes whenever the weights the scored layers use can change.
+
+    GGUF: the file's SHA-256. Local folder: SHA-256 of ``config.json``, the tokenizer files and
+    the safetensors files that hold the needed tensors. Hub: ``repo@revision`` (pin a commit
+    hash for a fully reproducible cache key).
+    """
+    if source.kind == "gguf":
+        return f"gguf:{_sha256_file(Path(source.location) / source.gguf_file)}"
+    if source.kind == "hub":
+        return f"hub:{source.location}@{source.revision or 'main'}"
+    folder = Path(source.location)
+    parts = []
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", INDEX_FILE):
+        if (folder / name).is_file():
+            parts.append(f"{name}={_sha256_file(folder / name)}")
+    for name in sorted(_needed_weight_files(folder, layers)):
+        parts.append(f"{name}={_sha256_file(folder / name)}")
+    return "local:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _needed_weight_files(folder: Path, layers: tuple[int, ...]) -> set[str]:
+    if (folder / INDEX_FILE).is_file():
+        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        return {file for name, file in weight_map.items() if needed_tensor(_strip_prefix(name), max(layers))}
+    if (folder / SINGLE_FILE).is_file():
+        return {SINGLE_FILE}
+    return set()
+
+
+def _strip_prefix(name: str) -> str:
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
+def needed_tensor(name: str, last_layer: int) -> bool:
+    """Whether base-model parameter ``name`` (e.g. ``layers.0.self_attn.q_proj.weight``) is needed.
+
+    Needed: ``embed_tokens``; all of layers ``< last_layer``; of ``last_layer`` its
+    ``input_layernorm`` and the attention's ``q_proj``, ``k_proj``, ``q_norm``, ``k_norm``.
+    """
+    if name.startswith("embed_tokens."):
+        return True
+    if not name.startswith("layers."):
+        return False
+    _, index, rest = name.split(".", 2)
+    if int(index) < last_layer:
+        return True
+    if int(index) > last_layer:
+        return False
+    return rest.startswith(
+        ("input_layernorm.", "self_attn.q_proj.", "self_attn.k_proj.", "self_attn.q_norm.", "self_attn.k_norm.")
+    )
+
+
+class _SkippedProjection(nn.Module):
+    """Stands in for the last scored layer's ``v_proj``: its output is never used, so return free zeros."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states.new_zeros(()).expand(*hidden_states.shape[:-1], self.out_features)
+
+
+def _truncated_config(config, last_layer: int):
+    if last_layer >= config.num_hidden_layers:
+        raise ValueError(f"layer {last_layer} does not exist: the model has {config.num_hidden_layers} layers")
+    config.num_hidden_layers = last_layer + 1
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list):
+        config.layer_types = layer_types[: last_layer + 1]
+    return config
+
+
+def load_config(source: ModelSource, *, trust_remote_code: bool = False):
+    """The model's ``PretrainedConfig`` (reads only the config or the GGUF metadata)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        source.location, trust_remote_code=trust_remote_code, **source.from_pretrained_kwargs
+    )
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None, *, trust_remote_code: bool = False):
+    """The tokenizer given by name/path, else the model's own."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **source.from_pretrained_kwargs)
+
+
+def load_attention_model(
+    source: ModelSource,
+    layers: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> tuple[nn.Module, LoadReport]:
+    """Build the base model up to ``max(layers)`` with only the weights its attention scores need.
+
+    Returns the model (``attn_implementation="hf_longattn"``, eval mode, on ``device``) and a
+    `LoadReport` of the bytes read.
+    """
+    register_attention()
+    last_layer = max(layers)
+    config = _truncated_config(load_config(source, trust_remote_code=trust_remote_code), last_layer)
+    if source.kind == "gguf":
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(
+            source.location, config=config, attn_implementation=ATTENTION_NAME, dtype=dtype, **source.from_pretrained_kwargs
+        )
+        size = (Path(source.location) / source.gguf_file).stat().st_size
+        report = LoadReport(size, size, (source.gguf_file,))
+    else:
+        model, report = _load_safetensors_subset(source, config, last_layer, dtype, trust_remote_code, allow_pickle)
+    return model.to(device).eval(), report
+
+
+def _weight_files(source: ModelSource, allow_pickle: bool) -> tuple[dict[str, str] | None, str]:
+    """``(weight_map or None, folder-or-repo)``; ``None`` means one ``model.safetensors`` file."""
+    if source.kind == "local":
+        folder = Path(source.location)
+        if (folder / INDEX_FILE).is_file():
+            return json.loads((folder / INDEX_FILE).read_text())["weight_map"], str(folder)
+        if (folder / SINGLE_FILE).is_file():
+            return None, str(folder)
+        found = [name for name in PICKLE_FILES if (folder / name).is_file()]
+    else:
+        from huggingface_hub import list_repo_files
+
+        files = set(list_repo_files(source.location, revision=source.revision))
+        if INDEX_FILE in files:
+            with open(_fetch(source, INDEX_FILE)) as handle:
+                return json.load(handle)["weight_map"], source.location
+        if SINGLE_FILE in files:
+            return None, source.location
+        found = [name for name in PICKLE_FILES if name in files]
+    if found and allow_pickle:
+        return {}, source.location
+    if found:
+        raise ValueError(
+            f"{source.location} has only pickled weights ({', '.join(found)}), which can run arbitrary code when "
+            f"loaded; convert them to safetensors, or pass allow_pickle=True if you trust the source"
+        )
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {source.location}")
+
+
+def _fetch(source: ModelSource, filename: str) -> str:
+    if source.kind == "local":
+        return str(Path(source.location) / filename)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(source.location, filename, revision=source.revision)
+
+
+def _load_safetensors_subset(source, config, last_layer, dtype, trust_remote_code, allow_pickle):
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    weight_map, _ = _weight_files(source, allow_pickle)
+    if weight_map == {}:  # pickled checkpoint, explicitly allowed by the caller
+        model = AutoModel.from_pretrained(
+            source.location, config=config, attn_implementation=ATTENTION_NAME, dtype=dtype,
+            use_safetensors=False, trust_remote_code=trust_remote_code, **source.from_pretrained_kwargs,
+        )
+        return model, LoadReport(0, 0, ())
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModel.from_config(config, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code)
+    wanted = {name for name in model.state_dict() if needed_tensor(name, last_layer)}
+    if weight_map is None:
+        with safe_open(_fetch(source, SINGLE_FILE), framework="pt") as handle:
+            weight_map = {name: SINGLE_FILE for name in handle.keys()}
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for stored_name, file in weight_map.items():
+        name = _strip_prefix(stored_name) if stored_name not in wanted else stored_name
+        if name in wanted:
+            by_file.setdefault(file, []).append((stored_name, name))
+    found = {name for pairs in by_file.values() for _, name in pairs}
+    if found != wanted:
+        raise ValueError(f"checkpoint {source.location} lacks tensors {sorted(wanted - found)[:8]}")
+
+    bytes_read = 0
+    for file, pairs in sorted(by_file.items()):
+        with safe_open(_fetch(source, file), framework="pt") as handle:
+            for stored_name, name in pairs:
+                tensor = handle.get_tensor(stored_name)
+                bytes_read += tensor.numel() * tensor.element_size()
+                set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype))
+    _drop_unused_modules(model, last_layer)
+    leftover = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if leftover:
+        raise ValueError(f"hf_longattn does not know how to skip parameters {leftover[:8]} of {type(model).__name__}")
+    model.to(dtype)
+    checkpoint_bytes = _checkpoint_bytes(source, weight_map)
+    return model, LoadReport(bytes_read, checkpoint_bytes, tuple(sorted(by_file)))
+
+
+def _drop_unused_modules(model: nn.Module, last_layer: int) -> None:
+    """Replace what the forward never reaches (after the last layer's q/k) by parameter-free stand-ins."""
+    layer = model.layers[last_layer]
+    attention = layer.self_attn
+    attention.v_proj = _SkippedProjection(attention.v_proj.out_features)
+    attention.o_proj = nn.Identity()
+    layer.mlp = nn.Identity()
+    layer.post_attention_layernorm = nn.Identity()
+    if hasattr(model, "norm"):
+        model.norm = nn.Identity()
+
+
+def _checkpoint_bytes(source: ModelSource, weight_map: dict[str, str]) -> int:
+    if source.kind == "local":
+        return sum((Path(source.location) / file).stat().st_size for file in set(weight_map.values()))
+    try:
+        with open(_fetch(source, INDEX_FILE)) as handle:
+            return int(json.load(handle)["metadata"]["total_size"])
+    except Exception:  # noqa: BLE001 - only a report figure
+        return 0
