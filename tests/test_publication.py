@@ -1,0 +1,429 @@
+"""Tests of hf_longattn.publication and hf_longattn.plots: export, dataset card, plots and a mocked push (offline)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from huggingface_hub import DatasetCard, HfApi
+from huggingface_hub.hf_api import RepoUrl
+
+from hf_longattn import plots as plots_module
+from hf_longattn.publication import (
+    check_can_push,
+    export_dataset,
+    push_to_hub,
+    sanitize_split_name,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAKE_TOKEN = "hf_FAKEtokenDoNotLeak1234567890abcdef"
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "doc_id": datasets.Value("string"),
+        "window_index": datasets.Value("int64"),
+        "window_start": datasets.Value("int64"),
+        "window_end": datasets.Value("int64"),
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "text": datasets.Value("string"),
+        "category": datasets.Value("string"),
+        "longattn_ds": datasets.Value("float64"),
+        "longattn_du": datasets.Value("float64"),
+        "longattn_num_tokens": datasets.Value("int64"),
+        "longattn_status": datasets.Value("string"),
+        "longattn_lds": datasets.Value("float64"),
+        "longattn_selected": datasets.Value("bool"),
+    }
+)
+WINDOW = 16
+# category → (number of rows, indices with status "too_long_gap", indices selected)
+LAYOUT = {
+    "arxiv": (10, {3, 7}, {0, 2, 5, 8}),
+    "github code": (7, {6}, {1, 4, 5}),
+    "../../evil": (5, set(), set()),
+}
+
+
+def make_split(category: str, rows: int, not_ok: set[int], selected: set[int], seed: int) -> datasets.Dataset:
+    """A scored split with deterministic scores; not-ok rows have null scores and are never selected."""
+    rng = np.random.default_rng(seed)
+    records: dict[str, list] = {name: [] for name in FEATURES}
+    for i in range(rows):
+        ok = i not in not_ok
+        num_tokens = WINDOW - (i % 3)
+        records["id"].append(f"{category}-doc{i // 2}-{i % 2}")
+        records["doc_id"].append(f"{category}-doc{i // 2}")
+        records["window_index"].append(i % 2)
+        records["window_start"].append((i % 2) * WINDOW)
+        records["window_end"].append((i % 2) * WINDOW + num_tokens)
+        records["input_ids"].append(list(range(num_tokens)))
+        records["text"].append(f"window {i} of {category}")
+        records["category"].append(category)
+        records["longattn_ds"].append(round(float(rng.uniform(0.1, 0.6)), 6) if ok else None)
+        records["longattn_du"].append(-float(rng.uniform(1e-7, 5e-6)) if ok else None)
+        records["longattn_num_tokens"].append(num_tokens)
+        records["longattn_status"].append("ok" if ok else "too_long_gap")
+        records["longattn_lds"].append(float(rng.normal()) if ok else None)
+        records["longattn_selected"].append(i in selected)
+    return datasets.Dataset.from_dict(records, features=FEATURES)
+
+
+def make_scored() -> datasets.DatasetDict:
+    return datasets.DatasetDict(
+        {name: make_split(name, *spec, seed=i) for i, (name, spec) in enumerate(LAYOUT.items())}
+    )
+
+
+def write_probe_png(path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3, 2))
+    FigureCanvasAgg(fig)
+    fig.subplots().plot([0, 1, 2], [2, 0, 1])
+    fig.savefig(path)
+    return path
+
+
+def make_metadata(probe_png: Path) -> dict:
+    return {
+        "method": "LongAttn (arXiv 2502.16860)",
+        "model": "tiny/llama-test",
+        "revision": "abc1234",
+        "layer": 0,
+        "window_size": WINDOW,
+        "min_distance": 4,
+        "alpha": 0.375,
+        "normalization": "zscore",
+        "keep_fraction": 0.5,
+        "selection_method": "lds",
+        "dtype": "float32",
+        "hf_longattn_version": "0.1.0",
+        "summary": [{"group": "arxiv", "rows": 10, "valid": 8, "kept": 4, "threshold": 0.123456,
+                     "dropped": {"too_short": 2}}],
+        "documents": {"in": 14, "too_short": 2},
+        "windows": {"in": 22, "out": 7},
+        "probe": {"title": "Needle probe", "table": "| probe | value |\n|---|---|\n| needle_gap | 0.987 |",
+                  "png": str(probe_png)},
+        "hf_token": FAKE_TOKEN,  # must never be written
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("publication")
+    folder = base / "a" / "b" / "export"
+    probe = write_probe_png(base / "probe_source.png")
+    return export_dataset(make_scored(), folder, make_metadata(probe), max_shard_rows=4, repo_id="me/longabc-test")
+
+
+@pytest.fixture(scope="module")
+def card_text(exported: Path) -> str:
+    return (exported / "README.md").read_text(encoding="utf-8")
+
+
+def load(folder: Path, config: str, tmp_path: Path, **kwargs):
+    return datasets.load_dataset(str(folder), config, cache_dir=str(tmp_path / "hf_cache"), **kwargs)
+
+
+# ---------------------------------------------------------------------------- names and paths
+
+
+def test_sanitize_split_name():
+    assert sanitize_split_name("../../evil") == "evil"
+    assert sanitize_split_name("github code") == "github_code"
+    assert sanitize_split_name("..") == "split"
+    assert sanitize_split_name("all") == "all_"
+    assert sanitize_split_name("ArXiv_2") == "ArXiv_2"
+
+
+def test_colliding_split_names_raise(tmp_path):
+    split = make_split("x", 2, set(), {0}, seed=0)
+    with pytest.raises(ValueError, match="collide"):
+        export_dataset(datasets.DatasetDict({"a b": split, "a/b": split}), tmp_path / "out", {}, plots=False)
+
+
+def test_missing_columns_are_listed(tmp_path):
+    split = make_split("x", 2, set(), {0}, seed=0).remove_columns(["longattn_lds"])
+    with pytest.raises(ValueError, match=r"longattn_lds.*Current columns"):
+        export_dataset(datasets.DatasetDict({"x": split}), tmp_path / "out", {}, plots=False)
+
+
+def test_layout_and_no_path_escape(exported):
+    base = exported.parent.parent.parent
+    files = sorted(p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file())
+    assert files == [
+        "README.md",
+        "data/filtered/arxiv-00000-of-00001.parquet",
+        "data/filtered/evil-00000-of-00001.parquet",
+        "data/filtered/github_code-00000-of-00001.parquet",
+        "data/scored/arxiv-00000-of-00003.parquet",
+        "data/scored/arxiv-00001-of-00003.parquet",
+        "data/scored/arxiv-00002-of-00003.parquet",
+        "data/scored/evil-00000-of-00002.parquet",
+        "data/scored/evil-00001-of-00002.parquet",
+        "data/scored/github_code-00000-of-00002.parquet",
+        "data/scored/github_code-00001-of-00002.parquet",
+        "plots/kept_vs_dropped.png",
+        "plots/probe.png",
+        "plots/score_distributions.png",
+    ]
+    outside = [p for p in base.rglob("*evil*") if not p.resolve().is_relative_to(exported.resolve())]
+    assert outside == []
+
+
+def test_existing_export_needs_overwrite(tmp_path):
+    scored = datasets.DatasetDict({"x": make_split("x", 3, set(), {0}, seed=0)})
+    export_dataset(scored, tmp_path / "out", {}, plots=False)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_dataset(scored, tmp_path / "out", {}, plots=False)
+    (tmp_path / "out" / "data" / "scored" / "x-00004-of-00005.parquet").write_bytes(b"stale")
+    export_dataset(scored, tmp_path / "out", {}, plots=False, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out" / "data" / "scored").iterdir()) == ["x-00000-of-00001.parquet"]
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def test_load_filtered_config(exported, tmp_path):
+    scored = make_scored()
+    filtered = load(exported, "filtered", tmp_path)
+    # "../../evil" kept nothing: its empty split is not in the config (datasets cannot load it)
+    assert sorted(filtered) == ["arxiv", "github_code"]
+    for original, split in (("arxiv", "arxiv"), ("github code", "github_code")):
+        expected = [r["id"] for r in scored[original] if r["longattn_selected"]]
+        assert filtered[split]["id"] == expected
+        assert all(filtered[split]["longattn_selected"])
+    assert filtered["arxiv"].num_rows == 4 and filtered["github_code"].num_rows == 3
+    assert filtered["arxiv"].features == FEATURES
+
+
+def test_load_scored_config(exported, tmp_path):
+    scored = load(exported, "scored", tmp_path)
+    assert sorted(scored) == ["arxiv", "evil", "github_code"]
+    assert {k: v.num_rows for k, v in scored.items()} == {"arxiv": 10, "evil": 5, "github_code": 7}
+    original = make_scored()["arxiv"]
+    assert scored["arxiv"]["id"] == original["id"]  # shard order preserved
+    assert scored["arxiv"]["longattn_ds"][3] is None and scored["arxiv"]["longattn_status"][3] == "too_long_gap"
+
+
+def test_default_config_is_filtered(exported, tmp_path):
+    builder = datasets.load_dataset_builder(str(exported), cache_dir=str(tmp_path / "hf_cache"))
+    assert builder.config.name == "filtered"
+    configs = {c["config_name"]: c for c in DatasetCard.load(exported / "README.md").data.configs}
+    assert configs["filtered"].get("default") is True and not configs["scored"].get("default")
+
+
+def test_empty_filtered_split_is_valid_parquet(exported):
+    table = pq.read_table(exported / "data/filtered/evil-00000-of-00001.parquet")
+    assert table.num_rows == 0
+    assert table.schema.names == list(FEATURES)
+
+
+def test_all_filtered_splits_empty_still_loads_streaming(tmp_path):
+    scored = datasets.DatasetDict({"x": make_split("x", 3, {2}, set(), seed=1)})
+    folder = export_dataset(scored, tmp_path / "out", {"window_size": WINDOW}, plots=False)
+    stream = load(folder, "filtered", tmp_path, streaming=True)
+    assert list(stream) == ["x"] and list(stream["x"]) == []
+    assert load(folder, "scored", tmp_path)["x"].num_rows == 3
+
+
+# ---------------------------------------------------------------------------- card
+
+
+def test_card_metadata(exported):
+    data = DatasetCard.load(exported / "README.md").data.to_dict()
+    assert data["license"] == "other"
+    assert data["task_categories"] == ["text-generation"]
+    assert data["size_categories"] == ["n<1K"]
+    assert "long-context" in data["tags"]
+    filtered = next(c for c in data["configs"] if c["config_name"] == "filtered")
+    assert {f["split"]: f["path"] for f in filtered["data_files"]} == {
+        "arxiv": "data/filtered/arxiv-*.parquet",
+        "github_code": "data/filtered/github_code-*.parquet",
+    }
+
+
+def test_card_run_settings(card_text):
+    assert "| window size W (tokens) | 16 |" in card_text
+    assert "| min distance k (tokens) | 4 |" in card_text
+    assert "| alpha (α, weight of DU_T) | 0.375 |" in card_text
+    assert "| normalization | zscore |" in card_text
+    assert "| scoring model | tiny/llama-test |" in card_text
+    assert "| model revision | abc1234 |" in card_text
+    assert "LDS_T = Z(DS_T) + α·Z(DU_T)" in card_text
+    assert "2502.16860" in card_text and "@article{wu2025longattn" in card_text
+    assert 'load_dataset("me/longabc-test", "filtered")' in card_text
+
+
+def test_card_row_and_token_counts(card_text):
+    scored = make_scored()
+    arxiv = scored["arxiv"]
+    tokens_in = sum(arxiv["longattn_num_tokens"])
+    tokens_out = sum(t for t, s in zip(arxiv["longattn_num_tokens"], arxiv["longattn_selected"]) if s)
+    # category | split | rows in | rows ok | rows out | tokens in | tokens out | share | threshold
+    expected = f"| arxiv | `arxiv` | 10 | 8 | 4 | {tokens_in:,} | {tokens_out:,} | {tokens_out / tokens_in:.1%} | 0.1235 |"
+    assert expected in card_text
+    assert "| ../../evil | `evil` | 5 | 5 | 0 |" in card_text
+    assert "| **total** |  | 22 | 19 | 7 |" in card_text
+
+
+def test_card_quantiles_computed_independently(card_text):
+    ds = [v for v in make_scored()["github code"]["longattn_ds"] if v is not None]
+    values = sorted(ds)
+    # 5% quantile by hand, linear interpolation between order statistics
+    position = 0.05 * (len(values) - 1)
+    low = int(position)
+    q05 = values[low] + (values[low + 1] - values[low]) * (position - low)
+    median = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    row = next(line for line in card_text.splitlines() if line.startswith("| github code | DS_T |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == str(len(values))
+    assert cells[3] == f"{values[0]:.4g}" and cells[-1] == f"{values[-1]:.4g}"
+    assert cells[4] == f"{q05:.4g}"
+    assert cells[6] == f"{median:.4g}"
+
+
+def test_card_status_counts_and_sections(card_text):
+    assert "| category | `too_long_gap` | total |" in card_text
+    assert "| arxiv | 2 | 2 |" in card_text and "| github code | 1 | 1 |" in card_text
+    assert "| arxiv | too_short | 2 |" in card_text  # from the metadata summary
+    assert "| too_short | 2 |" in card_text  # documents counters
+    assert "## Needle probe" in card_text and "| needle_gap | 0.987 |" in card_text
+    assert "`evil` kept no rows" in card_text
+    assert FAKE_TOKEN not in card_text and "hf_token" not in card_text
+
+
+def test_card_plots_exist_and_are_valid_pngs(exported, card_text):
+    import re
+
+    from matplotlib.image import imread
+
+    referenced = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.png)\)", card_text)
+    assert sorted(referenced) == ["plots/kept_vs_dropped.png", "plots/probe.png", "plots/score_distributions.png"]
+    for relative in referenced:
+        path = exported / relative
+        assert path.read_bytes()[:8] == PNG_MAGIC
+        image = imread(path)
+        assert image.shape[0] > 100 and image.shape[1] > 100
+        assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def _has_color(image: np.ndarray, hex_color: str) -> bool:
+    rgb = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+    return bool((np.abs(image[..., :3] - rgb).max(axis=-1) < 0.02).any())
+
+
+def test_plots_show_kept_and_dropped_colours(exported):
+    from matplotlib.image import imread
+
+    scores = imread(exported / "plots/score_distributions.png")
+    assert scores.shape[0] > scores.shape[1] * 0.5  # three rows of panels
+    assert _has_color(scores, plots_module.KEPT_COLOR) and _has_color(scores, plots_module.DROPPED_COLOR)
+    bars = imread(exported / "plots/kept_vs_dropped.png")
+    for color in (plots_module.KEPT_COLOR, plots_module.DROPPED_COLOR, plots_module.NOT_OK_COLOR):
+        assert _has_color(bars, color)
+
+
+def test_plots_are_deterministic(tmp_path):
+    scored = make_scored()
+    a = plots_module.plot_score_distributions(scored, {"arxiv": 0.1}, tmp_path / "a.png")
+    b = plots_module.plot_score_distributions(scored, {"arxiv": 0.1}, tmp_path / "b.png")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_plots_missing_column_lists_columns(tmp_path):
+    split = make_split("x", 2, set(), {0}, seed=0).remove_columns(["longattn_du"])
+    with pytest.raises(ValueError, match="longattn_du.*Current columns"):
+        plots_module.plot_kept_vs_dropped({"x": split}, tmp_path / "k.png")
+
+
+# ---------------------------------------------------------------------------- push
+
+
+@pytest.fixture
+def online(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    calls: dict[str, dict] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = {"repo_id": repo_id, "token": self.token, **kwargs}
+        return RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        calls["upload_folder"] = {"token": self.token, **kwargs}
+        return None
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_calls_hub_api(exported, online, fake_hub, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    url = push_to_hub(exported, "me/longabc-test", private=True, token=FAKE_TOKEN, commit_message="first upload")
+    assert url == "https://huggingface.co/datasets/me/longabc-test"
+    create = fake_hub["create_repo"]
+    assert create["repo_id"] == "me/longabc-test" and create["repo_type"] == "dataset"
+    assert create["private"] is True and create["exist_ok"] is True
+    assert create["token"] == FAKE_TOKEN  # handed to HfApi, nowhere else
+    upload = fake_hub["upload_folder"]
+    assert upload["repo_id"] == "me/longabc-test" and upload["repo_type"] == "dataset"
+    assert upload["commit_message"] == "first upload"
+    assert Path(upload["folder_path"]) == exported
+    captured = capsys.readouterr()
+    assert FAKE_TOKEN not in captured.out and FAKE_TOKEN not in captured.err
+    assert FAKE_TOKEN not in caplog.text
+    for path in exported.parent.parent.parent.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_push_defaults(exported, online, fake_hub):
+    push_to_hub(exported, "me/longabc-test")
+    assert fake_hub["create_repo"]["private"] is False
+    assert fake_hub["create_repo"]["token"] is None  # left to huggingface_hub's own resolution
+    assert fake_hub["upload_folder"]["commit_message"] == "Upload LongABC dataset with hf_longattn"
+
+
+@pytest.mark.parametrize("via", ["constants", "env"])
+def test_offline_refuses_before_api(exported, monkeypatch, via):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", via == "constants")
+    if via == "env":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Hub API must not be called offline")
+
+    monkeypatch.setattr(HfApi, "create_repo", fail)
+    monkeypatch.setattr(HfApi, "upload_folder", fail)
+    message = "HF_HUB_OFFLINE=1 is set: cannot push to me/longabc-test; unset it or export the folder only"
+    with pytest.raises(RuntimeError, match=message):
+        check_can_push("me/longabc-test")
+    with pytest.raises(RuntimeError, match=message):
+        push_to_hub(exported, "me/longabc-test", token=FAKE_TOKEN)
+
+
+def test_check_can_push_validates_repo_id(online):
+    check_can_push("me/longabc-test")
+    with pytest.raises(ValueError, match="Invalid Hub repo id"):
+        check_can_push("me/../evil repo")
+
+
+def test_push_requires_an_export(tmp_path, online, fake_hub):
+    with pytest.raises(FileNotFoundError, match="export_dataset"):
+        push_to_hub(tmp_path, "me/longabc-test")
+    assert fake_hub == {}
