@@ -1,0 +1,583 @@
+"""Selection: per-group LongAttn data score (LDS) from the score columns, and a top-fraction cut.
+
+Terms. The scorer writes, per window, ``longattn_ds`` (DS_T, dependency strength),
+``longattn_du`` (DU_T, dependency uniformity, = −mean_h V_h) and ``longattn_status`` (``"ok"``
+for a scored row). A row is *valid* if its status is ``"ok"`` and both scores are finite.
+Within each group (``by``, default ``category``) over its valid rows:
+
+* ``normalization="zscore"`` (paper): ``LDS = Z(DS) + α·Z(DU)``, ``Z(x) = (x − mean) / std``
+  with the population std (ddof = 0); a constant column (max == min, so std = 0) gives Z = 0.
+* ``normalization="minmax"`` (reference code): with ``V = −DU`` (the mean head variance),
+  ``x' = (x − min) / (max − min)`` (a constant column gives 0.5), ``score = DS' − α·V'``.
+  Since ``minmax(DU) = (max V − V) / (max V − min V) = 1 − V'``, this equals
+  ``DS' + α·DU' − α``: the same ordering as the min-max analogue of the paper's formula; it is
+  computed on V like the reference so that the numbers match it exactly.
+
+The cut keeps the first ``n_keep = ⌊keep_fraction · n_valid⌋`` valid rows of the group in the
+order (−LDS, id) — highest score first, ties broken by ascending id (code-point order) — with
+``keep_fraction`` read as the decimal it prints as (``0.29 · 100`` gives 29, not 28). The group
+remembers the last kept row ``(lds, id)``; a row is selected iff it is valid and
+``(−lds, id) ≤ (−lds_last, id_last)``. That makes selection a pure function of a row's scores,
+id and group plus the fitted statistics: it works on any shard, in any process, in any row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+DS_COLUMN = "longattn_ds"
+DU_COLUMN = "longattn_du"
+STATUS_COLUMN = "longattn_status"
+LDS_COLUMN = "longattn_lds"
+SELECTED_COLUMN = "longattn_selected"
+OK_STATUS = "ok"
+NULL_STATUS = "null"
+"""Key under which rows with a null ``longattn_status`` are counted."""
+
+NORMALIZATIONS = ("zscore", "minmax")
+METHODS = ("lds", "random")
+_FORMAT = "hf_longattn.LongAttnSelector"
+
+
+# -- LDS on one group -------------------------------------------------------------------------
+
+
+def _normalization_stats(ds_values: np.ndarray, du_values: np.ndarray, normalization: str) -> dict[str, float | None]:
+    """Statistics of one group's valid rows that :func:`_lds_from_stats` needs."""
+    if ds_values.size == 0:
+        keys = ("ds_mean", "ds_std", "du_mean", "du_std") if normalization == "zscore" else ("ds_min", "ds_max", "v_min", "v_max")
+        return dict.fromkeys(keys)
+    if normalization == "zscore":
+        return {
+            "ds_mean": float(ds_values.mean()),
+            "ds_std": _population_std(ds_values),
+            "du_mean": float(du_values.mean()),
+            "du_std": _population_std(du_values),
+        }
+    variance = -du_values
+    return {
+        "ds_min": float(ds_values.min()),
+        "ds_max": float(ds_values.max()),
+        "v_min": float(variance.min()),
+        "v_max": float(variance.max()),
+    }
+
+
+def _population_std(values: np.ndarray) -> float:
+    # A constant column has std exactly 0 (np.std can return ~1e-17 from rounding in the mean).
+    return 0.0 if values.max() == values.min() else float(values.std())
+
+
+def _zscore(values: np.ndarray, mean: float, std: float) -> np.ndarray:
+    return np.zeros_like(values) if std == 0.0 else (values - mean) / std
+
+
+def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.full_like(values, 0.5) if high == low else (values - low) / (high - low)
+
+
+def _lds_from_stats(
+    ds_values: np.ndarray, du_values: np.ndarray, stats: Mapping[str, float | None], alpha: float, normalization: str
+) -> np.ndarray:
+    """Elementwise LDS: the same float64 operations for a whole group (fit) or any subset (a shard)."""
+    if ds_values.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    if normalization == "zscore":
+        score = _zscore(ds_values, stats["ds_mean"], stats["ds_std"]) + alpha * _zscore(
+            du_values, stats["du_mean"], stats["du_std"]
+        )
+    else:
+        score = _minmax(ds_values, stats["ds_min"], stats["ds_max"]) - alpha * _minmax(
+            -du_values, stats["v_min"], stats["v_max"]
+        )
+    return score
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; valid values are {list(choices)}")
+
+
+def lds_scores(
+    ds_values: Sequence[float] | np.ndarray,
+    du_values: Sequence[float] | np.ndarray,
+    alpha: float = 0.5,
+    normalization: str = "zscore",
+) -> np.ndarray:
+    """LongAttn data score of the windows of one group.
+
+    * ``"zscore"`` (paper): ``LDS = Z(DS) + α·Z(DU)``, ``Z(x) = (x − mean(x)) / std(x)``,
+      population std (ddof = 0); a constant input gives ``Z = 0`` for every row.
+    * ``"minmax"`` (reference code): ``V = −DU``, ``x' = (x − min) / (max − min)`` (constant → 0.5),
+      ``score = DS' − α·V'`` (= ``DS' + α·DU' − α``: same ordering, see the module docstring).
+
+    Args:
+        ds_values (array-like of `float`): DS_T of every window (finite).
+        du_values (array-like of `float`): DU_T of every window (finite), same length.
+        alpha (`float`, defaults to `0.5`): weight α of the uniformity term (paper: 0.5).
+        normalization (`str`, defaults to `"zscore"`): ``"zscore"`` or ``"minmax"``.
+
+    Returns:
+        `np.ndarray` of float64, one score per window (higher is better).
+
+    Example:
+
+    >>> lds_scores([0.2, 0.4, 0.6], [-3.0, -1.0, -2.0]).round(4).tolist()
+    [-1.8371, 0.6124, 1.2247]
+    >>> lds_scores([0.2, 0.4, 0.6], [-3.0, -1.0, -2.0], normalization="minmax").round(4).tolist()
+    [-0.5, 0.5, 0.75]
+    """
+    _check_choice("normalization", normalization, NORMALIZATIONS)
+    ds_array = np.asarray(ds_values, dtype=np.float64)
+    du_array = np.asarray(du_values, dtype=np.float64)
+    if ds_array.ndim != 1 or ds_array.shape != du_array.shape:
+        raise ValueError(f"ds_values and du_values must be 1-d of the same length, got {ds_array.shape} and {du_array.shape}")
+    if not (np.isfinite(ds_array).all() and np.isfinite(du_array).all()):
+        raise ValueError("ds_values and du_values must be finite; drop rows without scores first")
+    stats = _normalization_stats(ds_array, du_array, normalization)
+    return _lds_from_stats(ds_array, du_array, stats, float(alpha), normalization)
+
+
+def _random_key(seed: int, row_id: str) -> int:
+    """Rank of a row in the random baseline: 64 bits of BLAKE2b over ``(seed, id)`` (row-order free)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{row_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+# -- fitted state -------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupSelection:
+    """Fitted selection state of one group.
+
+    Attributes:
+        group: the group value (`None` when ``by=None``).
+        n_rows (`int`): rows of the group.
+        n_valid (`int`): rows with status ``"ok"`` and finite scores.
+        n_keep (`int`): ``⌊keep_fraction · n_valid⌋``, the rows selected.
+        threshold (`dict`, *optional*): the last kept row, ``{"lds": float, "id": str}`` for
+            ``method="lds"``, ``{"key": int, "id": str}`` for ``method="random"``; `None` if
+            ``n_keep == 0``.
+        stats (`dict`): normalisation statistics of the valid rows (``ds_mean``, ``ds_std``,
+            ``du_mean``, ``du_std`` for z-score; ``ds_min``, ``ds_max``, ``v_min``, ``v_max`` with
+            ``V = −DU`` for min-max); values are `None` for a group without valid rows.
+        dropped (`dict[str, int]`): rows per non-``"ok"`` status (a null status counts as ``"null"``).
+        invalid_scores (`int`): rows with status ``"ok"`` but a null or non-finite score.
+    """
+
+    group: Any
+    n_rows: int
+    n_valid: int
+    n_keep: int
+    threshold: dict[str, Any] | None
+    stats: dict[str, float | None]
+    dropped: dict[str, int] = field(default_factory=dict)
+    invalid_scores: int = 0
+
+
+class LongAttnSelector:
+    """Select the top ``keep_fraction`` of windows per group by LongAttn data score (LDS).
+
+    Fit once on the whole scored dataset (reads only the score, status, id and group columns, never
+    the texts), then apply anywhere: :meth:`add_scores` (for ``map``) writes ``longattn_lds``
+    (float64, null for non-valid rows) and ``longattn_selected`` (bool); calling the selector
+    (for ``filter``) returns the selection mask. Selection rule: see the module docstring.
+
+    * ``method="lds"``: keep the ``n_keep`` best rows by (−LDS, id).
+    * ``method="random"``: the baseline; keep the same ``n_keep`` valid rows per group, ranked by
+      64 bits of BLAKE2b of ``(seed, id)`` (ties by id) — deterministic, independent of row order.
+
+    A null group value is an error (the message names the row): fill it explicitly, e.g. with
+    ``ds.map(lambda r: {"category": r["category"] or "unknown"})``, or use ``by=None``.
+    Duplicate ids among valid rows are an error too: ids break ties and define the cut.
+
+    The selector pickles (and hashes, for the `datasets` cache) as its configuration plus the
+    fitted state, :meth:`to_dict`.
+
+    Args:
+        keep_fraction (`float`, defaults to `0.5`): fraction of valid rows kept per group, in
+            [0, 1] (reference code: 1/2; LongABC-32K: 1/8).
+        by (`str`, *optional*, defaults to `"category"`): group column; `None` for one group.
+        alpha (`float`, defaults to `0.5`): weight α of the uniformity term.
+        normalization (`str`, defaults to `"zscore"`): ``"zscore"`` (paper) or ``"minmax"``
+            (reference code).
+        method (`str`, defaults to `"lds"`): ``"lds"`` or ``"random"``.
+        seed (`int`, defaults to `0`): seed of the random baseline.
+        id_column (`str`, defaults to `"id"`): the unique row id.
+
+    Example:
+
+    >>> from datasets import Dataset
+    >>> scored = Dataset.from_dict({
+    ...     "id": ["a", "b", "c", "d"], "category": ["Book", "Book", "Code", "Code"],
+    ...     "longattn_ds": [0.3, 0.5, 0.2, 0.1], "longattn_du": [-1.0, -2.0, -1.0, -1.0],
+    ...     "longattn_status": ["ok"] * 4})
+    >>> selector = LongAttnSelector(keep_fraction=0.5).fit(scored)
+    >>> list(scored.filter(selector, batched=True)["id"])
+    ['b', 'c']
+    >>> [(g["group"], g["valid"], g["kept"]) for g in selector.summary()]
+    [('Book', 2, 1), ('Code', 2, 1)]
+    """
+
+    def __init__(
+        self,
+        keep_fraction: float = 0.5,
+        *,
+        by: str | None = "category",
+        alpha: float = 0.5,
+        normalization: str = "zscore",
+        method: str = "lds",
+        seed: int = 0,
+        id_column: str = "id",
+    ) -> None:
+        if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0 <= keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be a number in [0, 1], got {keep_fraction!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        _check_choice("normalization", normalization, NORMALIZATIONS)
+        _check_choice("method", method, METHODS)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.keep_fraction = float(keep_fraction)
+        self.by = by
+        self.alpha = float(alpha)
+        self.normalization = normalization
+        self.method = method
+        self.seed = seed
+        self.id_column = id_column
+        self.groups: dict[Any, GroupSelection] | None = None
+
+    def __repr__(self) -> str:
+        state = "unfitted" if self.groups is None else f"{len(self.groups)} groups"
+        return (
+            f"LongAttnSelector(keep_fraction={self.keep_fraction}, by={self.by!r}, alpha={self.alpha}, "
+            f"normalization={self.normalization!r}, method={self.method!r}, seed={self.seed}, "
+            f"id_column={self.id_column!r}) [{state}]"
+        )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments."""
+        return {
+            "keep_fraction": self.keep_fraction,
+            "by": self.by,
+            "alpha": self.alpha,
+            "normalization": self.normalization,
+            "method": self.method,
+            "seed": self.seed,
+            "id_column": self.id_column,
+        }
+
+    @property
+    def required_columns(self) -> list[str]:
+        """Columns that :meth:`fit` and :meth:`add_scores` read."""
+        columns = [self.id_column, DS_COLUMN, DU_COLUMN, STATUS_COLUMN]
+        return columns + ([self.by] if self.by is not None else [])
+
+    def n_keep(self, n_valid: int) -> int:
+        """``⌊keep_fraction · n_valid⌋``, with ``keep_fraction`` taken as the decimal it prints as."""
+        return math.floor(Fraction(repr(self.keep_fraction)) * n_valid)
+
+    # -- fit -----------------------------------------------------------------------------------
+
+    def fit(self, ds: Any) -> LongAttnSelector:
+        """Compute per-group normalisation statistics and the cut from the whole scored dataset.
+
+        Reads only :attr:`required_columns` (as Arrow, honouring any indices mapping of a
+        filtered or shuffled dataset), so it scales to millions of rows.
+
+        Args:
+            ds (`datasets.Dataset` or `pyarrow.Table`): the scored windows.
+
+        Returns:
+            `LongAttnSelector`: ``self``, fitted.
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = self._read_columns(ds)
+        n_rows = table.num_rows
+        ids = table.column(self.id_column)
+        if not pa.types.is_string(ids.type) and not pa.types.is_large_string(ids.type):
+            ids = pc.cast(ids, pa.string())
+        _raise_on_null(ids, self.id_column, "id_column")
+        ds_values = _float_column(table.column(DS_COLUMN))
+        du_values = _float_column(table.column(DU_COLUMN))
+        status = pc.fill_null(pc.cast(table.column(STATUS_COLUMN), pa.string()), NULL_STATUS).combine_chunks()
+        ok = pc.equal(status, OK_STATUS).to_numpy(zero_copy_only=False)
+        finite = np.isfinite(ds_values) & np.isfinite(du_values)
+        valid = ok & finite
+
+        if self.by is None:
+            codes = np.zeros(n_rows, dtype=np.int64)
+            group_values: list[Any] = [None]
+        else:
+            group_column = table.column(self.by)
+            _raise_on_null(group_column, self.by, "group column `by`", hint=" (fill it, e.g. with 'unknown', or use by=None)")
+            encoded = group_column.combine_chunks().dictionary_encode()
+            codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            group_values = encoded.dictionary.to_pylist()
+
+        valid_ids = ids.filter(pa.array(valid))
+        if pc.count_distinct(valid_ids).as_py() != len(valid_ids):
+            counts = pc.value_counts(valid_ids)
+            example = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+            raise ValueError(f"Column '{self.id_column}' has duplicate ids among scored rows, e.g. {example!r}; ids must be unique")
+
+        status_encoded = status.dictionary_encode()
+        status_codes = status_encoded.indices.to_numpy(zero_copy_only=False)
+        status_names = status_encoded.dictionary.to_pylist()
+
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(group_values) + 1))
+        groups: dict[Any, GroupSelection] = {}
+        for code, group in enumerate(group_values):
+            rows = order[bounds[code] : bounds[code + 1]]
+            groups[group] = self._fit_group(group, rows, valid, ok, ids, ds_values, du_values, status_codes, status_names)
+        self.groups = dict(sorted(groups.items(), key=lambda item: str(item[0])))
+        return self
+
+    def _fit_group(
+        self,
+        group: Any,
+        rows: np.ndarray,
+        valid: np.ndarray,
+        ok: np.ndarray,
+        ids: Any,
+        ds_values: np.ndarray,
+        du_values: np.ndarray,
+        status_codes: np.ndarray,
+        status_names: list[str],
+    ) -> GroupSelection:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        valid_rows = rows[valid[rows]]
+        group_ds, group_du = ds_values[valid_rows], du_values[valid_rows]
+        stats = _normalization_stats(group_ds, group_du, self.normalization)
+        lds = _lds_from_stats(group_ds, group_du, stats, self.alpha, self.normalization)
+        group_ids = ids.take(pa.array(valid_rows, type=pa.int64())).combine_chunks()
+        n_keep = self.n_keep(len(valid_rows))
+
+        threshold = None
+        if n_keep > 0:
+            if self.method == "lds":
+                ranking = pa.table({"rank": lds, "id": group_ids})
+                sort_keys = [("rank", "descending"), ("id", "ascending")]
+            else:
+                keys = np.fromiter((_random_key(self.seed, i) for i in group_ids.to_pylist()), dtype=np.uint64, count=len(group_ids))
+                ranking = pa.table({"rank": keys, "id": group_ids})
+                sort_keys = [("rank", "ascending"), ("id", "ascending")]
+            last = pc.sort_indices(ranking, sort_keys=sort_keys)[n_keep - 1].as_py()
+            last_rank = ranking.column("rank")[last].as_py()
+            threshold = {"lds" if self.method == "lds" else "key": last_rank, "id": group_ids[last].as_py()}
+
+        non_ok = rows[~ok[rows]]
+        dropped_counts = np.bincount(status_codes[non_ok], minlength=len(status_names))
+        dropped = {status_names[i]: int(c) for i, c in enumerate(dropped_counts) if c}
+        fitted = GroupSelection(
+            group=group,
+            n_rows=int(len(rows)),
+            n_valid=int(len(valid_rows)),
+            n_keep=n_keep,
+            threshold=threshold,
+            stats=stats,
+            dropped=dict(sorted(dropped.items())),
+            invalid_scores=int(ok[rows].sum() - len(valid_rows)),
+        )
+        # The selection rule applied row by row must reproduce the cut exactly.
+        selected = self._select(fitted, lds, group_ids.to_pylist())
+        if int(selected.sum()) != n_keep:
+            raise RuntimeError(f"group {group!r}: the threshold selects {int(selected.sum())} rows instead of {n_keep}")
+        return fitted
+
+    def _read_columns(self, ds: Any) -> Any:
+        import pyarrow as pa
+
+        columns = self.required_columns
+        if isinstance(ds, pa.Table):
+            present = ds.column_names
+        elif hasattr(ds, "select_columns") and hasattr(ds, "column_names"):
+            present = ds.column_names
+        else:
+            raise TypeError(f"fit expects a datasets.Dataset or a pyarrow.Table, got {type(ds).__name__}")
+        missing = [column for column in columns if column not in present]
+        if missing:
+            raise ValueError(f"Columns {missing} not in the dataset. Current columns: {list(present)}")
+        if isinstance(ds, pa.Table):
+            return ds.select(columns)
+        return ds.select_columns(columns).with_format("arrow")[:]
+
+    # -- apply ---------------------------------------------------------------------------------
+
+    def _select(self, fitted: GroupSelection, lds: np.ndarray, ids: list[str]) -> np.ndarray:
+        """Selection rule for the valid rows of one group: ``(−lds, id) ≤ (−lds_last, id_last)``."""
+        threshold = fitted.threshold
+        if threshold is None or not ids:
+            return np.zeros(len(ids), dtype=bool)
+        id_arr = np.array(ids, dtype=object)
+        not_after_id = id_arr <= threshold["id"]
+        if self.method == "lds":
+            last = threshold["lds"]
+            return (lds > last) | ((lds == last) & not_after_id)
+        keys = np.fromiter((_random_key(self.seed, i) for i in ids), dtype=np.uint64, count=len(ids))
+        last_key = np.uint64(threshold["key"])
+        return (keys < last_key) | ((keys == last_key) & not_after_id)
+
+    def _check_fitted(self) -> dict[Any, GroupSelection]:
+        if self.groups is None:
+            raise RuntimeError("This LongAttnSelector is not fitted yet; call fit(ds) first")
+        return self.groups
+
+    def add_scores(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+        """Add ``longattn_lds`` and ``longattn_selected`` to a batch (for ``map(..., batched=True)``).
+
+        Each row's values depend only on its own scores, status, id and group and on the fitted
+        state, so any shard in any process gets the same answer. Pass
+        ``features=selector.output_features(ds.features)`` to ``map`` (or use :meth:`transform`):
+        a first batch without valid rows would otherwise type ``longattn_lds`` as null.
+
+        Args:
+            batch (`dict[str, list]`): a batch with :attr:`required_columns`.
+
+        Returns:
+            `dict[str, list]`: ``longattn_lds`` (`float` or `None` for non-valid rows) and
+            ``longattn_selected`` (`bool`).
+        """
+        groups = self._check_fitted()
+        missing = [column for column in self.required_columns if column not in batch]
+        if missing:
+            raise ValueError(f"Columns {missing} not in the batch. Current columns: {list(batch.keys())}")
+        ds_values = _float_values(batch[DS_COLUMN])
+        du_values = _float_values(batch[DU_COLUMN])
+        n = len(ds_values)
+        valid = np.array([s == OK_STATUS for s in batch[STATUS_COLUMN]], dtype=bool) & np.isfinite(ds_values) & np.isfinite(du_values)
+        ids = [None if i is None else str(i) for i in batch[self.id_column]]
+        group_of = [None] * n if self.by is None else list(batch[self.by])
+
+        rows_by_group: dict[Any, list[int]] = {}
+        for row, group in enumerate(group_of):
+            if self.by is not None and group is None:
+                raise ValueError(f"Column '{self.by}' (group column `by`) is null at batch row {row}")
+            if valid[row]:
+                if ids[row] is None:
+                    raise ValueError(f"Column '{self.id_column}' (id_column) is null at batch row {row}")
+                rows_by_group.setdefault(group, []).append(row)
+        lds = np.full(n, np.nan)
+        selected = np.zeros(n, dtype=bool)
+        for group, rows in rows_by_group.items():
+            if group not in groups:
+                raise ValueError(f"Group {group!r} was not seen by fit. Fitted groups: {list(groups)}")
+            fitted = groups[group]
+            index = np.array(rows, dtype=np.int64)
+            lds[index] = _lds_from_stats(ds_values[index], du_values[index], fitted.stats, self.alpha, self.normalization)
+            selected[index] = self._select(fitted, lds[index], [ids[r] for r in rows])
+        return {
+            LDS_COLUMN: [float(x) if ok else None for x, ok in zip(lds.tolist(), valid.tolist())],
+            SELECTED_COLUMN: selected.tolist(),
+        }
+
+    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> list[bool]:
+        """Selection mask of a batch (for ``filter(selector, batched=True)``).
+
+        Uses the batch's ``longattn_selected`` column if present (null counts as not selected),
+        else computes it with :meth:`add_scores`.
+        """
+        if SELECTED_COLUMN in batch:
+            return [bool(x) for x in batch[SELECTED_COLUMN]]
+        return self.add_scores(batch)[SELECTED_COLUMN]
+
+    def output_features(self, input_features: Mapping[str, Any]) -> Any:
+        """`datasets.Features` of ``ds.map(selector.add_scores, batched=True)``'s output."""
+        from datasets import Features, Value
+
+        return Features({**input_features, LDS_COLUMN: Value("float64"), SELECTED_COLUMN: Value("bool")})
+
+    def transform(self, ds: Any, **map_kwargs: Any) -> Any:
+        """``ds.map(self.add_scores, batched=True, features=...)``: the dataset with both columns added."""
+        return ds.map(self.add_scores, batched=True, features=self.output_features(ds.features), **map_kwargs)
+
+    # -- reporting and persistence -----------------------------------------------------------
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One dict per group for the dataset card.
+
+        Keys: ``group``, ``rows``, ``valid``, ``kept``, ``kept_fraction_of_valid``, ``threshold``
+        (the last kept row, or `None`), ``dropped`` (rows per non-``"ok"`` status) and
+        ``invalid_scores`` (``"ok"`` rows with null or non-finite scores).
+        """
+        return [
+            {
+                "group": g.group,
+                "rows": g.n_rows,
+                "valid": g.n_valid,
+                "kept": g.n_keep,
+                "kept_fraction_of_valid": g.n_keep / g.n_valid if g.n_valid else 0.0,
+                "threshold": None if g.threshold is None else dict(g.threshold),
+                "dropped": dict(g.dropped),
+                "invalid_scores": g.invalid_scores,
+            }
+            for g in self._check_fitted().values()
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable configuration and fitted state (floats round-trip exactly through JSON)."""
+        from . import __version__
+
+        return {
+            "format": _FORMAT,
+            "hf_longattn_version": __version__,
+            "config": self.config,
+            "groups": None if self.groups is None else [asdict(g) for g in self.groups.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LongAttnSelector:
+        """Rebuild a selector saved with :meth:`to_dict`."""
+        if data.get("format") != _FORMAT:
+            raise ValueError(f"Not a saved LongAttnSelector (format {data.get('format')!r}, expected {_FORMAT!r})")
+        selector = cls(**data["config"])
+        if data.get("groups") is not None:
+            selector.groups = {g["group"]: GroupSelection(**g) for g in data["groups"]}
+        return selector
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickle (and the `datasets` fingerprint) = configuration + fitted state, nothing else.
+        return self.to_dict()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(type(self).from_dict(state).__dict__)
+
+
+# -- column helpers -----------------------------------------------------------------------------
+
+
+def _float_column(column: Any) -> np.ndarray:
+    """A numeric Arrow column as float64 numpy, nulls as NaN."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
+        raise ValueError(f"Score column of type {column.type} is not numeric")
+    as_float = pc.cast(column, pa.float64())
+    return pc.fill_null(as_float, float("nan")).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _float_values(values: Sequence[Any]) -> np.ndarray:
+    """A batch column as float64 numpy, None as NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _raise_on_null(column: Any, name: str, role: str, hint: str = "") -> None:
+    import pyarrow.compute as pc
+
+    if column.null_count:
+        first = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"Column '{name}' ({role}) is null at row {first}{hint}")
