@@ -5,10 +5,16 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton fixes its interpreter mode at import: turn it on before anything imports triton, so the
+# kernel's correctness tests run in-process on CPU (tests/test_triton_stats.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
