@@ -24,13 +24,18 @@ accumulated in float64, whatever the dtype of ``query``/``key``.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+import os
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-DEFAULT_BLOCK_BYTES = 256 * 2**20
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_BYTES = 64 * 2**20
 """Budget for one block of float32 scores, ``B · H · B_q · L · 4`` bytes."""
 
 
@@ -99,6 +104,7 @@ def far_attention_sums(
     *,
     block_rows: int | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    fused: bool | None = None,
 ) -> FarAttentionSums:
     """Blockwise S1 and S2 of the causal softmax attention map over the far region, per head.
 
@@ -110,7 +116,10 @@ def far_attention_sums(
             ``n − i >= k``. Several thresholds are computed in the same pass.
         scaling (`float`): logit scale (``1/sqrt(d)`` for most models).
         block_rows (`int`, *optional*): query rows per block; derived from ``block_bytes`` if unset.
-        block_bytes (`int`, defaults to 256 MiB): memory budget of one float32 score block.
+        block_bytes (`int`, defaults to 64 MiB): memory budget of one float32 score block.
+        fused (`bool`, *optional*): use the ``torch.compile``-fused row statistics (one pass over
+            each score block instead of ~6); ``None`` (default) uses them when they compile, else
+            the eager path; ``HF_LONGATTN_FUSED=0`` turns them off.
 
     Returns:
         `FarAttentionSums` with float64 ``(B, T, H)`` tensors, ``T = len(min_distances)``.
@@ -140,14 +149,29 @@ def far_attention_sums(
     query = (query.float() * scaling).view(batch, kv_heads, groups, length, head_dim)  # (B, H_kv, G, L, d)
     key = key.float()  # (B, H_kv, L, d)
 
+    row_sums = _fused_row_sums_function() if fused is not False else None
+    if fused is True and row_sums is None:
+        raise RuntimeError("fused=True needs torch.compile with a working C++ compiler (set CXX) or a GPU")
+    thresholds = torch.tensor(distances, device=query.device)
     for start in range(first_row, length, block_rows):
         stop = min(start + block_rows, length)
         rows = stop - start
         q_block = query[:, :, :, start:stop].reshape(batch, kv_heads, groups * rows, head_dim)
         # (B, H_kv, G·B_q, stop): every key a row of this block can see.
         scores = torch.matmul(q_block, key[:, :, :stop].transpose(-1, -2))
-        scores = scores.view(batch, kv_heads, groups, rows, stop)  # (B, H_kv, G, B_q, stop)
         row_pos = torch.arange(start, stop, device=query.device)
+        if row_sums is not None:
+            try:
+                # (B·H_kv·G, T, B_q) per-row normalised far sums, one fused pass over the scores.
+                mass, square = row_sums(scores.view(-1, rows, stop), row_pos, thresholds)
+            except Exception as error:  # noqa: BLE001 - fall back to the eager path, once, loudly
+                _disable_fused(error)
+                row_sums = None
+            else:
+                far_mass += mass.double().sum(-1).view(batch, kv_heads * groups, -1).transpose(1, 2)
+                far_square_mass += square.double().sum(-1).view(batch, kv_heads * groups, -1).transpose(1, 2)
+                continue
+        scores = scores.view(batch, kv_heads, groups, rows, stop)  # (B, H_kv, G, B_q, stop)
         # Causal mask: only the diagonal tile [start, stop) × [start, stop) has future keys.
         scores[..., start:stop].masked_fill_(row_pos[None, :] > row_pos[:, None], -math.inf)
         scores -= scores.amax(-1, keepdim=True)
@@ -168,3 +192,40 @@ def far_attention_sums(
             far_mass[:, t] += (mass * inv_norm).sum(-1).reshape(batch, heads)
             far_square_mass[:, t] += (square * inv_norm.square()).sum(-1).reshape(batch, heads)
     return FarAttentionSums(far_mass, far_square_mass, length)
+
+
+def fused_row_sums(scores: torch.Tensor, row_pos: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row far mass and far square mass of one score block, in one pass (compiled by inductor).
+
+    Args:
+        scores: ``(N, R, C)`` float32 scaled logits of ``R`` query rows against keys ``0..C−1``.
+        row_pos: ``(R,)`` absolute positions of the rows; key ``i`` is visible to row ``n`` iff ``i <= n``.
+        distances: ``(T,)`` thresholds k; key ``i`` is far for row ``n`` iff ``i <= n − k``.
+
+    Returns:
+        ``(N, T, R)`` float32 ``Σ_far p`` and ``Σ_far p²`` with ``p`` the row's causal softmax.
+    """
+    columns = torch.arange(scores.shape[-1], device=scores.device)
+    logits = scores.masked_fill(columns > row_pos[:, None], -math.inf)
+    weights = torch.exp(logits - logits.amax(-1, keepdim=True))  # (N, R, C)
+    inv_norm = (1.0 / weights.sum(-1)).unsqueeze(-2)  # (N, 1, R)
+    far = columns <= (row_pos[:, None] - distances[:, None, None])  # (T, R, C)
+    far_weights = torch.where(far, weights.unsqueeze(-3), 0.0)  # (N, T, R, C), fused away by inductor
+    return far_weights.sum(-1) * inv_norm, far_weights.square().sum(-1) * inv_norm.square()
+
+
+_FUSED: dict[str, Callable | None] = {}
+
+
+def _fused_row_sums_function() -> Callable | None:
+    """``torch.compile(fused_row_sums)`` when it can work here, else ``None`` (eager path)."""
+    if "function" not in _FUSED:
+        enabled = os.environ.get("HF_LONGATTN_FUSED", "1") != "0"
+        has_compiler = shutil.which(os.environ.get("CXX", "g++")) is not None or torch.cuda.is_available()
+        _FUSED["function"] = torch.compile(fused_row_sums, dynamic=True) if enabled and has_compiler else None
+    return _FUSED["function"]
+
+
+def _disable_fused(error: Exception) -> None:
+    logger.warning("hf_longattn: fused attention statistics unavailable (%s); using the eager path", error)
+    _FUSED["function"] = None

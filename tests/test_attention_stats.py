@@ -20,6 +20,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs() / expected.abs().clamp_min(1e-300)).max().item()
 
 
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "fused"])
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "length", "dim", "distances", "block_rows"),
     [
@@ -29,9 +30,9 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         (3, 6, 1, 50, 32, [1, 49], 7),
     ],
 )
-def test_blockwise_sums_match_full_map(batch, heads, kv_heads, length, dim, distances, block_rows):
+def test_blockwise_sums_match_full_map(batch, heads, kv_heads, length, dim, distances, block_rows, fused):
     query, key = _random_qk(batch, heads, kv_heads, length, dim)
-    sums = far_attention_sums(query, key, distances, dim**-0.5, block_rows=block_rows)
+    sums = far_attention_sums(query, key, distances, dim**-0.5, block_rows=block_rows, fused=fused)
     attention = causal_attention_map(query, key, dim**-0.5)
     expected = sums_from_attention_map(attention, distances)
     assert sums.far_mass.dtype == torch.float64 and sums.far_mass.shape == (batch, len(distances), heads)
@@ -52,16 +53,21 @@ def test_variance_is_the_reference_codes_torch_var():
     assert _relative_error(stats.strength_per_head[:, 0], strength) < 1e-5
 
 
-def test_block_size_does_not_change_results():
+def test_block_size_and_path_do_not_change_results():
     query, key = _random_qk(1, 4, 2, 128, 16, seed=5)
-    results = [far_attention_sums(query, key, [32, 7], 0.25, block_rows=rows).far_mass for rows in (1, 16, 33, 128, 500)]
+    results = [
+        far_attention_sums(query, key, [32, 7], 0.25, block_rows=rows, fused=fused).far_mass
+        for rows in (1, 16, 33, 128, 500)
+        for fused in (False, None)
+    ]
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-6, atol=0)
 
 
-def test_bf16_inputs_accumulate_in_float32():
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "fused"])
+def test_bf16_inputs_accumulate_in_float32(fused):
     query, key = _random_qk(1, 4, 2, 96, 16, seed=7, dtype=torch.bfloat16)
-    sums = far_attention_sums(query, key, [24], 0.25)
+    sums = far_attention_sums(query, key, [24], 0.25, fused=fused)
     expected = sums_from_attention_map(causal_attention_map(query, key, 0.25), [24])  # same bf16 q/k, float64 map
     assert _relative_error(sums.far_mass, expected.far_mass) < 1e-5
     assert _relative_error(sums.far_square_mass, expected.far_square_mass) < 1e-5
