@@ -311,10 +311,13 @@ def _drop_unused_modules(model: nn.Module, last_layer: int) -> None:
 
 
 def _checkpoint_bytes(source: ModelSource, weight_map: dict[str, str]) -> int:
-    if source.kind == "local":
-        return sum((Path(source.location) / file).stat().st_size for file in set(weight_map.values()))
+    """The whole checkpoint's size: the index's ``total_size``, else the weight files present."""
     try:
         with open(_fetch(source, INDEX_FILE)) as handle:
             return int(json.load(handle)["metadata"]["total_size"])
-    except Exception:  # noqa: BLE001 - only a report figure
-        return 0
+    except (OSError, KeyError, ValueError):
+        pass
+    if source.kind == "local":
+        files = [Path(source.location) / file for file in set(weight_map.values())]
+        return sum(path.stat().st_size for path in files if path.is_file())
+    return 0
