@@ -1,4 +1,4 @@
-"""The ``hf-longattn`` console command: one subcommand per pipeline step (windows, score, select, export, push) and ``run`` for all."""
+"""The ``hf-longattn`` console command: one subcommand per step (windows, score, select, export, push) and ``run`` for all."""
 
 from __future__ import annotations
 

@@ -690,7 +690,8 @@ class LongAttnPipeline:
         keep_rows: list[np.ndarray] = []
         for category in categories:
             doc_mask = pc.equal(lengths.column("category"), category)
-            counts = count_windows(lengths.column("doc_num_tokens").filter(doc_mask).to_numpy(), config.window_size, config.faithful)
+            doc_lengths = lengths.column("doc_num_tokens").filter(doc_mask).to_numpy()
+            counts = count_windows(doc_lengths, config.window_size, config.faithful)
             rows = np.flatnonzero(pc.equal(windows_table.column("category"), category).to_numpy(zero_copy_only=False))
             if len(rows) != counts["windows"]:
                 raise PipelineError(f"category {category!r}: {len(rows)} windows written, {counts['windows']} expected")
@@ -769,7 +770,8 @@ class LongAttnPipeline:
             reason = check_chunk(self.scores_dir, index, end - start, fingerprint)
             if reason is not None:
                 todo.append(index)
-                if (self.scores_dir / f"{chunk_name(index)}.parquet").exists() or (self.scores_dir / f"{chunk_name(index)}.done").exists():
+                leftovers = [self.scores_dir / f"{chunk_name(index)}.{suffix}" for suffix in ("parquet", "done")]
+                if any(path.exists() for path in leftovers):
                     logger.warning("rank %d: redoing %s: %s", state.process_index, chunk_name(index), reason)
             for stale in self.scores_dir.glob(f".{chunk_name(index)}.*.tmp-*"):
                 stale.unlink(missing_ok=True)
@@ -860,7 +862,7 @@ class LongAttnPipeline:
         if scores is None or scores.num_rows != size or not scores.column("id").equals(reference.column("id")):
             got = scores.column("id").to_pylist() if scores is not None else []
             expected = reference.column("id").to_pylist()
-            first = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+            first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
             raise PipelineError(
                 f"Score chunks do not match the windows ({len(got)} scored rows for {size} windows; first difference "
                 f"at row {first}): the windows changed under the scores. Delete {self.scores_dir} and score again."
@@ -955,7 +957,7 @@ class LongAttnPipeline:
             threshold = (fitted.get(category) or {}).get("threshold") or {}
             docs = windows_stats.get(category, {})
 
-            def median(name: str) -> float | None:
+            def median(name: str, valid: np.ndarray = valid) -> float | None:
                 values = columns[name][valid].astype(np.float64)
                 values = values[np.isfinite(values)]
                 return float(np.median(values)) if values.size else None
@@ -999,7 +1001,7 @@ class LongAttnPipeline:
     # -- step 4: export -----------------------------------------------------------------------------------------
 
     def export(self) -> Path:
-        """Write the Hub-ready folder ``output_dir/hub`` (configs ``filtered`` and ``scored``, one split per category, card, plots).
+        """Write the Hub-ready folder ``output_dir/hub``: configs ``filtered``/``scored``, a split per category, card, plots.
 
         Main process only. Reselects first when the selection is missing or its settings changed.
         """
@@ -1151,7 +1153,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) and bool(rows) for i in range(len(header))]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True)).rstrip()
 
     out = ([title] if title else []) + [line([str(h) for h in header]), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]

@@ -1,4 +1,4 @@
-"""Read input documents — jsonl(.gz), parquet, text files, folders, Hub datasets or the embedded Python corpus — as one `datasets.Dataset`.
+"""Read documents (jsonl(.gz), parquet, text files, folders, Hub datasets, the embedded Python corpus) as a `datasets.Dataset`.
 
 Terms. A *source* is one place documents come from; it is described by a :class:`SourceConfig`
 (``path``, ``hub`` or ``embedded``, plus ``category``, ``text_column``, ``id_column``, ``split``
@@ -109,7 +109,9 @@ class SourceConfig:
     def __post_init__(self) -> None:
         given = [key for key in ("path", "hub", "embedded") if getattr(self, key) is not None]
         if len(given) != 1:
-            raise ValueError(f"A source needs exactly one of 'path', 'hub' or 'embedded', got {given or 'none'}: {self.to_dict()}")
+            raise ValueError(
+                f"A source needs exactly one of 'path', 'hub' or 'embedded', got {given or 'none'}: {self.to_dict()}"
+            )
         if self.embedded is not None and self.embedded not in EMBEDDED_SOURCES:
             raise ValueError(f"Unknown embedded source {self.embedded!r}; available: {list(EMBEDDED_SOURCES)}")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
@@ -318,7 +320,9 @@ def _iter_path(source: SourceConfig) -> Iterator[dict[str, Any]]:
             if document is not None:
                 yield document
         return
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     skipped = [p for p in files if not _is_record_file(p) and not p.name.lower().endswith(TEXT_SUFFIXES)]
     if skipped:
         logger.warning("%s: skipped %d file(s) of unknown type, e.g. %s (known: %s)", root, len(skipped), skipped[0],
@@ -461,7 +465,7 @@ def read_sources(sources: list[SourceConfig] | SourceConfig) -> Any:
     if pc.count_distinct(ids).as_py() != len(ids):
         counts = pc.value_counts(ids)
         duplicate = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
-        where = [s.describe() for s, p in zip(sources, parts)
+        where = [s.describe() for s, p in zip(sources, parts, strict=True)
                  if duplicate in set(p.select_columns(["id"]).with_format("arrow")[:].column("id").to_pylist())]
         raise ValueError(
             f"Duplicate document id {duplicate!r} (in {', '.join(where)}); ids must be unique "

@@ -1,4 +1,4 @@
-"""Tests of the hf-longattn command (hf_longattn.cli) and recipes/longabc.py: help texts, config resolution, errors, a tiny run."""
+"""Tests of the hf-longattn command (hf_longattn.cli) and recipes/longabc.py: help, config resolution, errors, a tiny run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of hf_longattn.pipeline and hf_longattn.sources: config, sources, the end-to-end job on ../shared/data, offline push refusal."""
+"""Tests of hf_longattn.pipeline and hf_longattn.sources: config, sources, the job end to end on ../shared/data, offline push."""
 
 from __future__ import annotations
 
@@ -284,8 +284,9 @@ def test_end_to_end_counts_and_export(finished_run, tiny_model):
         assert row["kept"] == len(filtered[category]) == math.floor(0.3 * valid)
         assert all(filtered[category]["longattn_selected"])
         assert row["tokens_in"] == W * row["windows"] and row["tokens_out"] == W * row["kept"]
-        kept_lds = [x for x, s in zip(scored[category]["longattn_lds"], scored[category]["longattn_selected"]) if s]
-        dropped_lds = [x for x, s in zip(scored[category]["longattn_lds"], scored[category]["longattn_selected"]) if not s]
+        pairs = list(zip(scored[category]["longattn_lds"], scored[category]["longattn_selected"], strict=True))
+        kept_lds = [x for x, s in pairs if s]
+        dropped_lds = [x for x, s in pairs if not s]
         assert min(kept_lds) == row["threshold"] >= max(dropped_lds)
         assert all(len(ids) == W for ids in scored[category]["input_ids"])
     assert summary["categories"]["arxiv"]["documents_too_short"] >= 1
@@ -309,7 +310,7 @@ def test_relaunch_reuses_everything_and_reselects(finished_run):
     # Selection settings may change in the same output_dir; scores are reused.
     half = LongAttnPipeline(config.replace(keep_fraction=0.5), progress=False)
     reselected = half.select()
-    for category, row in reselected["categories"].items():
+    for row in reselected["categories"].values():
         assert row["kept"] == math.floor(0.5 * row["scored_ok"])
     assert {p.name: p.stat().st_mtime_ns for p in scores.iterdir()} == before
 
@@ -331,11 +332,28 @@ def test_offline_push_refuses_before_any_work(monkeypatch, tiny_model, corpus, t
     assert not out.exists()
 
 
+def test_push_step_uploads_the_export_folder(finished_run, monkeypatch):
+    import huggingface_hub
+
+    from hf_longattn import publication
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+    monkeypatch.setattr(publication, "push_to_hub", lambda *args, **kwargs: calls.append((args, kwargs)) or "url")
+    config, _ = finished_run
+    assert LongAttnPipeline(config, progress=False).push() is None  # no repo: nothing to do
+    pushing = config.replace(push_to_hub="me/longabc-tiny", private=True, commit_message="tiny run")
+    assert LongAttnPipeline(pushing, progress=False).push() == "url"
+    assert calls == [((Path(config.output_dir) / "hub", "me/longabc-tiny"), {"private": True, "commit_message": "tiny run"})]
+
+
 def test_max_windows_per_category_is_a_deterministic_sample(tiny_model, corpus, tmp_path):
     config = tiny_config(tiny_model, corpus, tmp_path / "a", max_windows_per_category=3)
     first = LongAttnPipeline(config, progress=False).windows()
     again = LongAttnPipeline(config.replace(output_dir=str(tmp_path / "b")), progress=False).windows()
-    full = LongAttnPipeline(config.replace(output_dir=str(tmp_path / "c"), max_windows_per_category=None), progress=False).windows()
+    uncapped = config.replace(output_dir=str(tmp_path / "c"), max_windows_per_category=None)
+    full = LongAttnPipeline(uncapped, progress=False).windows()
     assert list(first["id"]) == list(again["id"])
     for category in CATEGORIES:
         assert sum(c == category for c in first["category"]) == 3

@@ -1,4 +1,4 @@
-"""Tests of resumption: a 2-process torchrun (gloo) run killed with SIGKILL and relaunched equals a 1-process run; bad chunks are redone."""
+"""Tests of resumption: a 2-process gloo run SIGKILLed and relaunched equals a 1-process run; bad chunks are redone."""
 
 from __future__ import annotations
 
