@@ -1,24 +1,38 @@
 """hf_longattn: select long-context training data with LongAttn (arXiv 2502.16860) on the Hugging Face stack."""
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from .attention_stats import DependencyStatistics, FarAttentionSums, dependency_statistics, far_attention_sums
-from .publication import export_dataset, push_to_hub
-from .scorer import LongAttnScorer
-from .selection import LongAttnSelector, lds_scores
-from .windows import SlidingWindows, count_windows, window_spans
+# Public name -> defining module; imported on first use so `hf-longattn --help` starts without torch.
+_EXPORTS = {
+    "DependencyStatistics": "attention_stats",
+    "FarAttentionSums": "attention_stats",
+    "dependency_statistics": "attention_stats",
+    "far_attention_sums": "attention_stats",
+    "LongAttnScorer": "scorer",
+    "SlidingWindows": "windows",
+    "count_windows": "windows",
+    "window_spans": "windows",
+    "LongAttnSelector": "selection",
+    "lds_scores": "selection",
+    "export_dataset": "publication",
+    "push_to_hub": "publication",
+    "LongAttnPipeline": "pipeline",
+    "PipelineConfig": "pipeline",
+    "probe": "probe",
+}
 
-__all__ = [
-    "DependencyStatistics",
-    "FarAttentionSums",
-    "LongAttnScorer",
-    "LongAttnSelector",
-    "SlidingWindows",
-    "count_windows",
-    "dependency_statistics",
-    "export_dataset",
-    "far_attention_sums",
-    "lds_scores",
-    "push_to_hub",
-    "window_spans",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_longattn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
