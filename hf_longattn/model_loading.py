@@ -120,7 +120,10 @@ def _needed_weight_files(folder: Path, layers: tuple[int, ...]) -> set[str]:
         return {file for name, file in weight_map.items() if needed_tensor(_strip_prefix(name), max(layers))}
     if (folder / SINGLE_FILE).is_file():
         return {SINGLE_FILE}
-    return set()
+    # A pickled checkpoint (scored only with allow_pickle=True): its weights must key the cache too.
+    if (folder / PICKLE_FILES[1]).is_file():
+        return {PICKLE_FILES[1], *json.loads((folder / PICKLE_FILES[1]).read_text())["weight_map"].values()}
+    return {name for name in PICKLE_FILES[:1] if (folder / name).is_file()}
 
 
 def _strip_prefix(name: str) -> str:

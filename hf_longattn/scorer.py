@@ -12,7 +12,11 @@ import torch
 
 from . import __version__
 from .attention_hook import layer_attention_sums
-from .attention_stats import DEFAULT_BLOCK_BYTES, dependency_statistics
+from .attention_stats import (
+    DEFAULT_BLOCK_BYTES,
+    dependency_statistics,
+    query_block_size,
+)
 from .model_loading import (
     ModelSource,
     checkpoint_fingerprint,
@@ -33,8 +37,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _MIN_BLOCK_BYTES = 1 << 20
 
 
+# torch's CPU allocator raises a plain RuntimeError: "DefaultCPUAllocator: can't allocate memory: ...".
+_OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+    message = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or any(m in message for m in _OUT_OF_MEMORY_MESSAGES)
 
 
 @dataclass(frozen=True)
@@ -83,8 +92,10 @@ class LongAttnScorer:
             with ``with_rank=True``, ``cuda:0`` otherwise, or the CPU when there is no GPU.
         per_head (`bool`, defaults to `False`): also write ``longattn_ds_per_head``/``longattn_du_per_head``.
         max_batch_tokens (`int`, defaults to 65536): equal-length windows are run together up to
-            this many tokens per forward.
-        block_bytes (`int`, defaults to 256 MiB): memory budget of one block of attention scores.
+            this many tokens per forward. A window's score does not depend on which windows share its
+            forward (bit for bit on the CPU). On an error a forward is retried in halves, and a single
+            window that runs out of memory is retried with 4× smaller blocks down to 1 MiB.
+        block_bytes (`int`, defaults to 64 MiB): memory budget of one block of attention scores.
         trust_remote_code (`bool`, defaults to `False`): allow custom modelling code from the Hub.
         allow_pickle (`bool`, defaults to `False`): allow ``pytorch_model.bin`` (pickle) checkpoints.
 
@@ -309,7 +320,11 @@ class LongAttnScorer:
             if value is None:
                 rows.append(_Row(position, None, STATUS_MISSING))
             elif column == id_column:
-                rows.append(_Row(position, _as_token_ids(value, column, where), STATUS_OK))
+                token_ids = _as_token_ids(value, column, where)
+                if None in token_ids:  # a null inside a list of ints: bad data, reported on the row
+                    rows.append(_Row(position, None, f"error: token id missing (null) at position {token_ids.index(None)}"))
+                else:
+                    rows.append(_Row(position, token_ids, STATUS_OK))
             elif isinstance(value, str):
                 rows.append(_Row(position, None, STATUS_OK if value.strip() else STATUS_EMPTY))
             else:
@@ -349,25 +364,36 @@ class LongAttnScorer:
                 self._score_group(group[start : start + per_forward], out, self.config["block_bytes"])
 
     def _score_group(self, group: list[_Row], out: dict[str, list], block_bytes: int) -> None:
-        """Score equal-length rows together; on out-of-memory retry in halves, then with smaller blocks."""
+        """Score equal-length rows together; on an error retry in halves (so a failure stays with its own
+        window), and on out-of-memory of a single window retry with blocks 4× smaller, down to 1 MiB."""
         try:
             self._forward(group, out, block_bytes)
         except Exception as error:  # noqa: BLE001 - a long job must not die on one window
-            if _is_out_of_memory(error):
-                if self._device is not None and self._device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if len(group) > 1:
-                    half = len(group) // 2
-                    self._score_group(group[:half], out, block_bytes)
-                    self._score_group(group[half:], out, block_bytes)
-                    return
-                if block_bytes // 4 >= _MIN_BLOCK_BYTES:
-                    self._score_group(group, out, block_bytes // 4)
-                    return
-            reason = f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            out_of_memory = _is_out_of_memory(error)
+            if out_of_memory and self._device is not None and self._device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(group) > 1:
+                half = len(group) // 2
+                self._score_group(group[:half], out, block_bytes)
+                self._score_group(group[half:], out, block_bytes)
+                return
+            if out_of_memory and block_bytes // 4 >= _MIN_BLOCK_BYTES:
+                self._score_group(group, out, block_bytes // 4)
+                return
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            reason = f"error: {'out of memory: ' if out_of_memory else ''}{type(error).__name__}: {first_line}"[:300]
             logger.warning("hf_longattn: %d window(s) not scored: %s", len(group), reason)
             for row in group:
                 out["longattn_status"][row.position] = reason
+
+    def _block_rows(self, length: int, block_bytes: int) -> int:
+        """Query rows per block of the torch backend, sized for the largest batch of windows of ``length``.
+
+        Fixed per (length, configuration), never per batch: a window's float32 block sums (so its score,
+        bit for bit) must not depend on how many windows share its forward (batch size, retry in halves).
+        """
+        largest_batch = max(1, self.config["max_batch_tokens"] // length)
+        return query_block_size(largest_batch, int(self.model_config.num_attention_heads), length, block_bytes)
 
     def _forward(self, group: list[_Row], out: dict[str, list], block_bytes: int) -> None:
         try:
@@ -381,15 +407,24 @@ class LongAttnScorer:
         input_ids = torch.tensor([r.token_ids for r in group], dtype=torch.long, device=self._device)  # (B, L)
         sums = layer_attention_sums(
             self._model, input_ids, self.config["layer"], [d for d, ok in zip(distances, valid) if ok],
-            attention_sums, block_bytes=block_bytes,
+            attention_sums, block_bytes=block_bytes, block_rows=self._block_rows(length, block_bytes),
         )
         stats = {layer: dependency_statistics(s) for layer, s in sums.items()}
         first = stats[self.config["layer"][0]]
         strength = first.dependency_strength.cpu().numpy()  # (B, T_valid)
         uniformity = first.dependency_uniformity.cpu().numpy()
-        if not (np.isfinite(strength).all() and np.isfinite(uniformity).all()):
-            raise FloatingPointError("non-finite attention statistics (overflow in the model's activations?)")
+        finite = np.ones(len(group), dtype=bool)  # (B,): one window's overflow never voids the others
+        for layer_stats in stats.values():
+            for values in (layer_stats.dependency_strength, layer_stats.dependency_uniformity):
+                finite &= np.isfinite(values.cpu().numpy()).all(axis=1)
+        if not finite.all():
+            reason = "error: non-finite attention statistics (overflow in the model's activations?)"
+            logger.warning("hf_longattn: %d window(s) not scored: %s", int((~finite).sum()), reason)
+            for b in np.flatnonzero(~finite):
+                out["longattn_status"][group[b].position] = reason
         for b, row in enumerate(group):
+            if not finite[b]:
+                continue
             position = row.position
             out["longattn_ds"][position] = float(strength[b, 0])
             out["longattn_du"][position] = float(uniformity[b, 0])
@@ -435,13 +470,16 @@ def _status_of(token_ids: list[int], min_distance: float | int, vocab_size: int)
     return STATUS_OK
 
 
-def _as_token_ids(value, column: str, where: str) -> list[int]:
+def _as_token_ids(value, column: str, where: str) -> list[int | None]:
+    """The row's token ids; ``None`` marks a null id (bad data); any other type is a configuration error."""
     if isinstance(value, np.ndarray):
         if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
             raise ValueError(f"column {column!r}, {where}: expected a 1-D array of ints, got {value.dtype} {value.shape}")
         return value.tolist()
-    if isinstance(value, (list, tuple)) and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in value):
-        return [int(t) for t in value]
+    if isinstance(value, (list, tuple)) and all(
+        t is None or (isinstance(t, (int, np.integer)) and not isinstance(t, bool)) for t in value
+    ):
+        return [None if t is None else int(t) for t in value]
     raise ValueError(f"column {column!r}, {where}: expected a list of ints (token ids), got {type(value).__name__} {value!r:.60}")
 
 
