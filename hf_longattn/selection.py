@@ -55,6 +55,8 @@ def _normalization_stats(ds_values: np.ndarray, du_values: np.ndarray, normaliza
         keys = ("ds_mean", "ds_std", "du_mean", "du_std") if normalization == "zscore" else ("ds_min", "ds_max", "v_min", "v_max")
         return dict.fromkeys(keys)
     if normalization == "zscore":
+        # Sorted first, so the floating-point sums (and every LDS) do not depend on row order.
+        ds_values, du_values = np.sort(ds_values), np.sort(du_values)
         return {
             "ds_mean": float(ds_values.mean()),
             "ds_std": _population_std(ds_values),

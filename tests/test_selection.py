@@ -320,3 +320,14 @@ def test_fit_on_arrow_table_and_empty():
 
 def test_docstring_examples():
     assert doctest.testmod(selection_module).failed == 0
+
+
+def test_lds_values_do_not_depend_on_row_order():
+    from hf_longattn.selection import lds_scores
+
+    rng = np.random.default_rng(3)
+    strength, uniformity = rng.random(2001) * 0.3 + 0.1, -rng.random(2001) * 1e-7
+    order = rng.permutation(2001)
+    forward = lds_scores(strength, uniformity)
+    shuffled = lds_scores(strength[order], uniformity[order])
+    assert np.array_equal(forward[order], shuffled)  # bit-identical, not just close
