@@ -71,10 +71,10 @@ __all__ = [
     "auc",
     "auc_label",
     "auc_standard_error",
+    "load_documents",
     "probe",
     "probe_samples",
     "run_probe_command",
-    "load_documents",
     "top_fraction_share",
     "verdict_of",
 ]
