@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (short, long) in STEP_HELP.items():
         commands.add_parser(name, parents=[common], help=short, description=long)
+    from .probe import add_probe_parser
+
+    add_probe_parser(commands)
     return parser
 
 
@@ -201,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING, format="%(message)s")
     logging.getLogger("hf_longattn").setLevel(logging.INFO if _is_main_process() else logging.WARNING)
+    if args.command == "probe":
+        return args.func(args)
 
     from .pipeline import LongAttnPipeline, PipelineError, format_summary
 

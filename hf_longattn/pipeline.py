@@ -137,6 +137,12 @@ class PipelineConfig:
         commit_message (`str`): the upload's commit message.
         license (`str`, *optional*): license of the exported dataset card (default: ``"other"``).
         pretty_name (`str`, *optional*): title of the dataset card.
+        probe (`bool`, defaults to `False`): before scoring, run the scorer self-check
+            (`hf_longattn.probe`: real windows vs shuffled-chunk controls) on the same documents and
+            put its table, plot and verdict into the dataset card.
+        probe_layers (`list[int]` or ``"all"``, defaults to ``[0]``): layers the probe compares.
+        probe_num_windows (`int`, defaults to 8): real windows (and as many controls) per category.
+        probe_chunk_size (`int`, defaults to 256): tokens per chunk of the probe's controls (≤ W/2).
 
     Example:
 
@@ -173,6 +179,10 @@ class PipelineConfig:
     commit_message: str = "Upload a LongABC-style dataset selected with hf_longattn"
     license: str | None = None
     pretty_name: str | None = None
+    probe: bool = False
+    probe_layers: list[int] | str = field(default_factory=lambda: [0])
+    probe_num_windows: int = 8
+    probe_chunk_size: int = 256
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig.from_dict(s) for s in (self.sources or [])]
@@ -1065,6 +1075,18 @@ class LongAttnPipeline:
             "license": config.license,
             "max_windows_per_category": config.max_windows_per_category,
         }
+        if (self.probe_dir / "report.json").is_file():
+            from .probe import ProbeReport
+
+            report = ProbeReport.from_json(self.probe_dir / "report.json")
+            metadata["probe"] = {
+                "title": "Scorer self-check: real windows vs shuffled-chunk controls",
+                "text": "How well the scoring model's layers tell real windows of each category from "
+                "controls made of fixed-size chunks of different documents of the same category "
+                "(AUC = probability that a real window outscores a control; 0.5 = chance). " + report.verdict,
+                "table": report.to_markdown("wide"),
+                "png": str(self.probe_dir / "probe.png"),
+            }
         try:
             import matplotlib  # noqa: F401
 
@@ -1100,6 +1122,41 @@ class LongAttnPipeline:
 
     # -- all steps ----------------------------------------------------------------------------------------------------
 
+    @property
+    def probe_dir(self) -> Path:
+        return self.output_dir / "probe"
+
+    def probe(self):
+        """Run the scorer self-check (`hf_longattn.probe.probe`) on the run's documents; main process only.
+
+        Writes ``probe/report.json``, ``probe/report.md`` and ``probe/probe.png``; the export puts
+        them into the dataset card. A finished report is reused on relaunch.
+        """
+        from .probe import ProbeReport, probe
+        from .sources import read_sources
+
+        report_path = self.probe_dir / "report.json"
+        if report_path.is_file():
+            return ProbeReport.from_json(report_path)
+
+        def run_probe():
+            config = self.config
+            report = probe(
+                resolve_model(config.model), read_sources(config.sources), window_size=config.window_size,
+                layers=config.probe_layers, num_windows=config.probe_num_windows, seed=config.seed,
+                chunk_size=config.probe_chunk_size,
+                keep_fraction=config.keep_fraction, alpha=config.alpha, min_distance=config.min_distance,
+                tokenizer=config.tokenizer, revision=config.revision, dtype=config.dtype,
+            )
+            self.probe_dir.mkdir(parents=True, exist_ok=True)
+            report.plot(self.probe_dir / "probe.png")
+            (self.probe_dir / "report.md").write_text(report.to_markdown("wide") + "\n\n" + report.verdict + "\n")
+            report.to_json(report_path)  # last: its presence marks the probe as done
+            self._print(report.to_markdown("wide") + "\n" + report.verdict)
+            return report
+
+        return self._timed("probe", run_probe)
+
     def run(self) -> dict[str, Any]:
         """windows → score → select → export → push; returns the summary (empty on non-main processes).
 
@@ -1107,6 +1164,8 @@ class LongAttnPipeline:
         """
         started = time.perf_counter()
         self.check_push()
+        if self.config.probe and self.is_main:
+            self.probe()
         self.score()
         if not self.is_main:
             return {}

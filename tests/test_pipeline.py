@@ -402,3 +402,20 @@ def test_smollm2_end_to_end_on_real_documents(smollm2_gguf, corpus, tmp_path):
     loaded = load_export(tmp_path / "out" / "hub", "filtered")
     assert sorted(loaded) == ["book", "code"]
     assert np.isfinite(loaded["code"]["longattn_lds"]).all()
+
+
+def test_probe_switch_puts_the_self_check_into_the_card(tiny_model, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", docs_per_category=3, chars=4000)
+    config = tiny_config(tiny_model, corpus, tmp_path / "out", probe=True, probe_layers=[0, 1], probe_num_windows=2,
+                         probe_chunk_size=8)
+    LongAttnPipeline(config, progress=False).run()
+    probe_dir = tmp_path / "out" / "probe"
+    assert (probe_dir / "report.json").is_file() and (probe_dir / "probe.png").read_bytes()[:4] == b"\x89PNG"
+    card = (tmp_path / "out" / "hub" / "README.md").read_text()
+    assert "Scorer self-check" in card and "plots/probe.png" in card
+    assert (tmp_path / "out" / "hub" / "plots" / "probe.png").is_file()
+    from hf_longattn.probe import ProbeReport
+
+    report = ProbeReport.from_json(probe_dir / "report.json")
+    assert report.verdict in card
+    assert {row["layer"] for row in report.rows} == {0, 1}
