@@ -162,14 +162,13 @@ def far_attention_sums(
         row_pos = torch.arange(start, stop, device=query.device)
         if row_sums is not None:
             try:
-                # (B·H_kv·G, T, B_q) per-row normalised far sums, one fused pass over the scores.
-                mass, square = row_sums(scores.view(-1, rows, stop), row_pos, thresholds)
+                mass, square = _fused_block(row_sums, q_block, key, row_pos, stop, thresholds, groups)
             except Exception as error:  # noqa: BLE001 - fall back to the eager path, once, loudly
                 _disable_fused(error)
                 row_sums = None
             else:
-                far_mass += mass.double().sum(-1).view(batch, kv_heads * groups, -1).transpose(1, 2)
-                far_square_mass += square.double().sum(-1).view(batch, kv_heads * groups, -1).transpose(1, 2)
+                far_mass += mass
+                far_square_mass += square
                 continue
         scores = scores.view(batch, kv_heads, groups, rows, stop)  # (B, H_kv, G, B_q, stop)
         # Causal mask: only the diagonal tile [start, stop) × [start, stop) has future keys.
@@ -215,6 +214,43 @@ def fused_row_sums(scores: torch.Tensor, row_pos: torch.Tensor, distances: torch
 
 
 _FUSED: dict[str, Callable | None] = {}
+
+
+def _fused_block(
+    row_sums: Callable,
+    q_block: torch.Tensor,
+    key: torch.Tensor,
+    row_pos: torch.Tensor,
+    stop: int,
+    thresholds: torch.Tensor,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query block through the compiled row statistics; float64 ``(B, T, H)`` sums over its rows.
+
+    Every call must hit the *same* compiled graph, or results would depend on which shapes the
+    process saw first: the inputs are fresh contiguous tensors (no view bases to guard on), every
+    dimension is unbacked (no 0/1 or equal-size specialisation), and grad mode is always off.
+    """
+    batch, kv_heads, group_rows, head_dim = q_block.shape
+    rows = row_pos.shape[0]
+    with torch.inference_mode():
+        # (B·H_kv, G·B_q, stop): each row of the block against every key it can see.
+        scores = torch.bmm(
+            q_block.reshape(batch * kv_heads, group_rows, head_dim),
+            key[:, :, :stop].reshape(batch * kv_heads, stop, head_dim).transpose(1, 2),
+        )
+        positions = row_pos.repeat(groups)  # (G·B_q,): row g·B_q + r is query position row_pos[r]
+        distances = thresholds.clone()
+        for tensor in (scores, positions, distances):
+            for dim in range(tensor.dim()):
+                torch._dynamo.decorators.mark_unbacked(tensor, dim)
+        mass, square = row_sums(scores, positions, distances)  # (B·H_kv, T, G·B_q)
+    # Sum over the block's rows, then (B, H_kv, T, G) → (B, T, H) with h = kv·G + g.
+    def per_head(values: torch.Tensor) -> torch.Tensor:
+        values = values.double().view(batch, kv_heads, -1, groups, rows).sum(-1)
+        return values.permute(0, 2, 1, 3).reshape(batch, values.shape[2], kv_heads * groups)
+
+    return per_head(mass), per_head(square)
 
 
 def _fused_row_sums_function() -> Callable | None:

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from hf_longattn.pipeline import LongAttnPipeline, PipelineConfig, check_chunk, chunk_name
 
@@ -153,12 +152,14 @@ def test_killed_two_process_run_resumes_to_the_single_process_result(setup):
     assert len(list(scores.glob("chunk-*.parquet"))) == total
 
     # 4. An uninterrupted single-process run gives exactly the same rows and scores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like OMP_NUM_THREADS=1 in the launched processes
-    try:
-        LongAttnPipeline(config.replace(output_dir=str(base / "one-process")), progress=False).run()
-    finally:
-        torch.set_num_threads(threads)
+    # In its own process with OMP_NUM_THREADS=1, like the launched ones: CPU BLAS results may depend
+    # on the thread count, and changing it in this process would leak into later tests.
+    single = base / "single.yaml"
+    single.write_text(config_path.read_text().replace(str(out), str(base / "one-process")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "longabc.py"), "--config", str(single), "--no-progress"],
+                   cwd=base, env=env, check=True, timeout=LAUNCH_TIMEOUT, capture_output=True)
     resumed = pq.read_table(out / "selection.parquet")
     reference = pq.read_table(base / "one-process" / "selection.parquet")
     assert resumed.column("id").to_pylist() == list(windows["id"])  # every window once, in windows order
