@@ -254,11 +254,15 @@ def _fused_block(
 
 
 def _fused_row_sums_function() -> Callable | None:
-    """``torch.compile(fused_row_sums)`` when it can work here, else ``None`` (eager path)."""
+    """``torch.compile(fused_row_sums)`` when it can work here, else ``None`` (eager path).
+
+    ``HF_LONGATTN_FUSED=0`` is read on every call, so a process and the workers it spawns agree.
+    """
+    if os.environ.get("HF_LONGATTN_FUSED", "1") == "0":
+        return None
     if "function" not in _FUSED:
-        enabled = os.environ.get("HF_LONGATTN_FUSED", "1") != "0"
         has_compiler = shutil.which(os.environ.get("CXX", "g++")) is not None or torch.cuda.is_available()
-        _FUSED["function"] = torch.compile(fused_row_sums, dynamic=True) if enabled and has_compiler else None
+        _FUSED["function"] = torch.compile(fused_row_sums, dynamic=True) if has_compiler else None
     return _FUSED["function"]
 
 
