@@ -35,7 +35,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_BYTES = 64 * 2**20
+DEFAULT_BLOCK_BYTES = 4 * 2**20
 """Budget for one block of float32 scores, ``B · H · B_q · L · 4`` bytes."""
 
 
@@ -116,7 +116,8 @@ def far_attention_sums(
             ``n − i >= k``. Several thresholds are computed in the same pass.
         scaling (`float`): logit scale (``1/sqrt(d)`` for most models).
         block_rows (`int`, *optional*): query rows per block; derived from ``block_bytes`` if unset.
-        block_bytes (`int`, defaults to 64 MiB): memory budget of one float32 score block.
+        block_bytes (`int`, defaults to 4 MiB): memory budget of one float32 score block (at least
+            16 rows); small blocks stay in cache, which is ~2× faster than large ones on CPU.
         fused (`bool`, *optional*): use the ``torch.compile``-fused row statistics (one pass over
             each score block instead of ~6); ``None`` (default) uses them when they compile, else
             the eager path; ``HF_LONGATTN_FUSED=0`` turns them off.

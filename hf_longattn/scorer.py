@@ -95,7 +95,7 @@ class LongAttnScorer:
             this many tokens per forward. A window's score does not depend on which windows share its
             forward (bit for bit on the CPU). On an error a forward is retried in halves, and a single
             window that runs out of memory is retried with 4× smaller blocks down to 1 MiB.
-        block_bytes (`int`, defaults to 64 MiB): memory budget of one block of attention scores.
+        block_bytes (`int`, defaults to 4 MiB): memory budget of one block of attention scores.
         trust_remote_code (`bool`, defaults to `False`): allow custom modelling code from the Hub.
         allow_pickle (`bool`, defaults to `False`): allow ``pytorch_model.bin`` (pickle) checkpoints.
 

@@ -91,4 +91,5 @@ def test_rejects_bad_shapes_and_thresholds():
 
 def test_block_size_budget_is_linear_in_length():
     assert query_block_size(1, 9, 32768, 256 * 2**20) * 9 * 32768 * 4 <= 256 * 2**20
-    assert query_block_size(1, 9, 8192) >= 4 * query_block_size(1, 9, 32768) - 16
+    assert query_block_size(1, 9, 8192, 256 * 2**20) >= 4 * query_block_size(1, 9, 32768, 256 * 2**20) - 16
+    assert query_block_size(1, 9, 32768) == 16  # the default budget: at least 16 rows
