@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import importlib.util
 import json
@@ -413,6 +414,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+"""Errors of the output storage itself (full, over quota, not writable): stop the job with a clear message."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write ``path`` through ``write(temporary_path)``, fsync it and rename it into place atomically.
 
@@ -426,9 +431,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno in _STORAGE_ERRNOS:
+            raise PipelineError(
+                f"cannot write {path}: {error.strerror or error} ({errno.errorcode.get(error.errno, error.errno)}). "
+                f"Files already completed in {path.parent} are intact; free space or fix permissions, then relaunch "
+                "the same command: finished chunks are skipped."
+            ) from error
+        raise
     finally:
-        if temporary.exists():
-            temporary.unlink()
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
     _fsync_dir(path.parent)
     return path
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import errno
 import json
+import os
 import math
 import shutil
 from pathlib import Path
@@ -419,3 +421,35 @@ def test_probe_switch_puts_the_self_check_into_the_card(tiny_model, tmp_path):
     report = ProbeReport.from_json(probe_dir / "report.json")
     assert report.verdict in card
     assert {row["layer"] for row in report.rows} == {0, 1}
+
+
+@pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EACCES], ids=["disk-full", "permission"])
+def test_storage_errors_stop_clearly_and_keep_finished_chunks(tiny_model, corpus, tmp_path, monkeypatch, error_number):
+    from hf_longattn import pipeline as pipeline_module
+    from hf_longattn.pipeline import PipelineError, check_chunk
+
+    config = tiny_config(tiny_model, corpus, tmp_path / "out")
+    real_write = pipeline_module.atomic_write
+    written: list[str] = []
+
+    def failing_write(path, write):
+        if Path(path).name.startswith("chunk-"):
+            if len(written) >= 4:  # two chunks (parquet + marker each) succeed, then the disk is "full"
+                def no_space(temporary):
+                    raise OSError(error_number, os.strerror(error_number), str(temporary))
+                return real_write(path, no_space)
+            written.append(Path(path).name)
+        return real_write(path, write)
+
+    monkeypatch.setattr(pipeline_module, "atomic_write", failing_write)
+    with pytest.raises(PipelineError, match=rf"cannot write .*chunk-.*{errno.errorcode[error_number]}.*relaunch"):
+        LongAttnPipeline(config, progress=False).run()
+    scores = tmp_path / "out" / "scores"
+    assert not list(scores.glob(".*tmp-*"))  # no partial file left behind
+    fingerprint = json.loads((tmp_path / "out" / "fingerprint.json").read_text())["fingerprint"]
+    assert check_chunk(scores, 0, config.chunk_size, fingerprint) is None  # finished chunks intact
+    assert check_chunk(scores, 1, config.chunk_size, fingerprint) is None
+
+    monkeypatch.setattr(pipeline_module, "atomic_write", real_write)  # space freed: relaunch finishes the job
+    summary = LongAttnPipeline(config, progress=False).run()
+    assert sum(c["windows"] for c in summary["categories"].values()) > 0
