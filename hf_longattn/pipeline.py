@@ -1199,17 +1199,11 @@ class LongAttnPipeline:
 
 
 def _format_cell(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    from .publication import format_number
+
     if isinstance(value, Mapping):
         return ", ".join(f"{k}={v}" for k, v in value.items()) or "—"
-    return str(value)
+    return format_number(value)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> str:

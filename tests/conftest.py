@@ -110,3 +110,15 @@ def read_documents(category: str, limit: int | None = None) -> list[dict]:
             if limit is not None and len(docs) >= limit:
                 break
     return docs
+
+
+@pytest.fixture
+def spawn_start_method():
+    """``datasets.map(num_proc=…)`` with the ``spawn`` start method, as documented: a forked worker
+    deadlocks in torch's OpenMP pool. Restores the previous start method afterwards."""
+    import multiprocess
+
+    previous = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)
+    yield
+    multiprocess.set_start_method(previous, force=True)

@@ -336,17 +336,6 @@ def reproducible_scorer(llama):
     return LongAttnScorer(llama, min_distance=[0.25, 16], block_bytes=4 * 4 * 200 * 64)
 
 
-@pytest.fixture
-def spawn_start_method():
-    """A forked worker deadlocks in torch's OpenMP pool: map with num_proc uses ``spawn``, as documented."""
-    import multiprocess
-
-    previous = multiprocess.get_start_method(allow_none=True)
-    multiprocess.set_start_method("spawn", force=True)
-    yield
-    multiprocess.set_start_method(previous, force=True)
-
-
 def selected(scored, **selector_kwargs) -> tuple[list[str], dict[str, str | None]]:
     selector = LongAttnSelector(keep_fraction=0.5, **selector_kwargs).fit(scored)
     out = selector.transform(scored, keep_in_memory=True)

@@ -198,17 +198,6 @@ def test_pickle_round_trip_scores_the_same(tiny_model_dir):
     assert len(pickle.dumps(scorer)) < 10_000  # configuration only, never weights
 
 
-@pytest.fixture
-def spawn_start_method():
-    """The documented multi-process map: ``spawn`` (a forked child deadlocks in torch's OpenMP pool)."""
-    import multiprocess
-
-    previous = multiprocess.get_start_method(allow_none=True)
-    multiprocess.set_start_method("spawn", force=True)
-    yield
-    multiprocess.set_start_method(previous, force=True)
-
-
 def test_with_rank_and_num_proc(tiny_model_dir, spawn_start_method):
     scorer = LongAttnScorer(str(tiny_model_dir("llama")))
     ds = Dataset.from_dict({"input_ids": random_ids([64, 80, 96, 50, 70, 90], seed=6)})
