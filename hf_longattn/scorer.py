@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .attention_hook import layer_attention_sums
+from . import triton_stats
 from .attention_stats import (
     DEFAULT_BLOCK_BYTES,
     dependency_statistics,
@@ -396,18 +397,13 @@ class LongAttnScorer:
         return query_block_size(largest_batch, int(self.model_config.num_attention_heads), length, block_bytes)
 
     def _forward(self, group: list[_Row], out: dict[str, list], block_bytes: int) -> None:
-        try:
-            from .triton_stats import attention_sums
-        except ImportError:
-            from .attention_stats import far_attention_sums as attention_sums
-
         length = len(group[0].token_ids)
         distances = [min_distance_tokens(k, length) for k in self.config["min_distance"]]
         valid = [d < length for d in distances]
         input_ids = torch.tensor([r.token_ids for r in group], dtype=torch.long, device=self._device)  # (B, L)
         sums = layer_attention_sums(
             self._model, input_ids, self.config["layer"], [d for d, ok in zip(distances, valid) if ok],
-            attention_sums, block_bytes=block_bytes, block_rows=self._block_rows(length, block_bytes),
+            triton_stats.attention_sums, block_bytes=block_bytes, block_rows=self._block_rows(length, block_bytes),
         )
         stats = {layer: dependency_statistics(s) for layer, s in sums.items()}
         first = stats[self.config["layer"][0]]
@@ -422,6 +418,8 @@ class LongAttnScorer:
             logger.warning("hf_longattn: %d window(s) not scored: %s", int((~finite).sum()), reason)
             for b in np.flatnonzero(~finite):
                 out["longattn_status"][group[b].position] = reason
+        # Column of each threshold in the computed (valid-only) statistics; None where L <= k.
+        distance_columns = [int(c) if ok else None for c, ok in zip(np.cumsum(valid) - 1, valid)]
         for b, row in enumerate(group):
             if not finite[b]:
                 continue
@@ -429,10 +427,12 @@ class LongAttnScorer:
             out["longattn_ds"][position] = float(strength[b, 0])
             out["longattn_du"][position] = float(uniformity[b, 0])
             if "longattn_ds_by_distance" in out:
-                values = iter(range(int(sum(valid))))
-                columns = [next(values) if ok else None for ok in valid]
-                out["longattn_ds_by_distance"][position] = [None if c is None else float(strength[b, c]) for c in columns]
-                out["longattn_du_by_distance"][position] = [None if c is None else float(uniformity[b, c]) for c in columns]
+                out["longattn_ds_by_distance"][position] = [
+                    None if c is None else float(strength[b, c]) for c in distance_columns
+                ]
+                out["longattn_du_by_distance"][position] = [
+                    None if c is None else float(uniformity[b, c]) for c in distance_columns
+                ]
             if "longattn_ds_by_layer" in out:
                 layers = self.config["layer"]
                 out["longattn_ds_by_layer"][position] = [float(stats[i].dependency_strength[b, 0]) for i in layers]
