@@ -118,19 +118,25 @@ def ours(query, key, min_distance, scaling):
     return attention_sums(query, key, [min_distance], scaling)
 
 
-def timed(function, device, repeats):
-    """(best seconds, peak extra bytes) over ``repeats`` runs after one warm-up."""
-    function()
+def timed(function, device, repeats, warmup=True):
+    """(best seconds, peak extra bytes): ``repeats`` timed runs after a warm-up, then one run for memory.
+
+    Memory is sampled in a separate run: on CPU the 5 ms sampling thread takes the GIL and a core
+    share, which would slow the timed runs (by up to 40 % for the blockwise path's per-block Python).
+    """
+    if warmup:
+        function()
     best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
     with PeakMemory(device) as memory:
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            function()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+        function()
     return best, memory.extra
 
 
@@ -154,7 +160,7 @@ def bench_kernels(lengths, geometries, device, dtype, repeats, naive_max_length)
             ours_s, ours_mem = timed(lambda: ours(query, key, min_distance, scaling), device, repeats)
             floor_s, _ = timed(lambda: compute_floor(query, key, min_distance, scaling), device, repeats)
             if length <= naive_max_length and naive_fits(length, device):
-                naive_s, naive_mem = timed(lambda: naive_scores(query, key, min_distance, scaling), device, 1)
+                naive_s, naive_mem = timed(lambda: naive_scores(query, key, min_distance, scaling), device, 1, warmup=False)
             else:
                 naive_s = naive_mem = None
             rows.append(
@@ -246,7 +252,7 @@ def main():
     parser.add_argument("--geometries", nargs="+", default=["smollm2", "llama-3.1-8b"], choices=sorted(GEOMETRIES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="q/k dtype (default float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-max-length", type=int, default=16384, help="skip the naive scorer above this L (time)")
     parser.add_argument("--end-to-end-lengths", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--no-end-to-end", action="store_true")

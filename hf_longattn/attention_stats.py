@@ -24,16 +24,13 @@ accumulated in float64, whatever the dtype of ``query``/``key``.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-logger = logging.getLogger(__name__)
+from . import cpu_kernel
 
 DEFAULT_BLOCK_BYTES = 4 * 2**20
 """Budget for one block of float32 scores, ``B · H · B_q · L · 4`` bytes."""
@@ -118,9 +115,10 @@ def far_attention_sums(
         block_rows (`int`, *optional*): query rows per block; derived from ``block_bytes`` if unset.
         block_bytes (`int`, defaults to 4 MiB): memory budget of one float32 score block (at least
             16 rows); small blocks stay in cache, which is ~2× faster than large ones on CPU.
-        fused (`bool`, *optional*): use the ``torch.compile``-fused row statistics (one pass over
-            each score block instead of ~6); ``None`` (default) uses them when they compile, else
-            the eager path; ``HF_LONGATTN_FUSED=0`` turns them off.
+        fused (`bool`, *optional*): use the compiled CPU kernel (:mod:`hf_longattn.cpu_kernel`:
+            one ``exp`` per visible score, normaliser and far sums in the same pass) on CPU
+            tensors; ``None`` (default) uses it when it builds, else the eager torch path;
+            ``HF_LONGATTN_FUSED=0`` turns it off.
 
     Returns:
         `FarAttentionSums` with float64 ``(B, T, H)`` tensors, ``T = len(min_distances)``.
@@ -150,26 +148,28 @@ def far_attention_sums(
     query = (query.float() * scaling).view(batch, kv_heads, groups, length, head_dim)  # (B, H_kv, G, L, d)
     key = key.float()  # (B, H_kv, L, d)
 
-    row_sums = _fused_row_sums_function() if fused is not False else None
+    row_sums = cpu_kernel.far_row_sums_function() if fused is not False and query.device.type == "cpu" else None
     if fused is True and row_sums is None:
-        raise RuntimeError("fused=True needs torch.compile with a working C++ compiler (set CXX) or a GPU")
+        raise RuntimeError("fused=True needs the compiled CPU kernel: a CPU tensor, a C++ compiler and ninja")
     thresholds = torch.tensor(distances, device=query.device)
     for start in range(first_row, length, block_rows):
         stop = min(start + block_rows, length)
         rows = stop - start
         q_block = query[:, :, :, start:stop].reshape(batch, kv_heads, groups * rows, head_dim)
-        # (B, H_kv, G·B_q, stop): every key a row of this block can see.
-        scores = torch.matmul(q_block, key[:, :, :stop].transpose(-1, -2))
         row_pos = torch.arange(start, stop, device=query.device)
+        # (B, H_kv, G·B_q, stop): every key a row of this block can see; row g·B_q + r is query head
+        # kv·G + g at position start + r.
+        scores = torch.matmul(q_block, key[:, :, :stop].transpose(-1, -2))
         if row_sums is not None:
             try:
-                mass, square = _fused_block(row_sums, q_block, key, row_pos, stop, thresholds, groups)
+                # (B·H_kv, T, G·B_q) float64 Σ_far p and Σ_far p² per row.
+                mass, square = row_sums(scores.view(batch * kv_heads, groups * rows, stop), row_pos.repeat(groups), thresholds)
             except Exception as error:  # noqa: BLE001 - fall back to the eager path, once, loudly
-                _disable_fused(error)
+                cpu_kernel.disable(error)
                 row_sums = None
             else:
-                far_mass += mass
-                far_square_mass += square
+                far_mass += _sum_rows_per_head(mass, batch, kv_heads, groups)
+                far_square_mass += _sum_rows_per_head(square, batch, kv_heads, groups)
                 continue
         scores = scores.view(batch, kv_heads, groups, rows, stop)  # (B, H_kv, G, B_q, stop)
         # Causal mask: only the diagonal tile [start, stop) × [start, stop) has future keys.
@@ -194,79 +194,7 @@ def far_attention_sums(
     return FarAttentionSums(far_mass, far_square_mass, length)
 
 
-def fused_row_sums(scores: torch.Tensor, row_pos: torch.Tensor, distances: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row far mass and far square mass of one score block, in one pass (compiled by inductor).
-
-    Args:
-        scores: ``(N, R, C)`` float32 scaled logits of ``R`` query rows against keys ``0..C−1``.
-        row_pos: ``(R,)`` absolute positions of the rows; key ``i`` is visible to row ``n`` iff ``i <= n``.
-        distances: ``(T,)`` thresholds k; key ``i`` is far for row ``n`` iff ``i <= n − k``.
-
-    Returns:
-        ``(N, T, R)`` float32 ``Σ_far p`` and ``Σ_far p²`` with ``p`` the row's causal softmax.
-    """
-    columns = torch.arange(scores.shape[-1], device=scores.device)
-    logits = scores.masked_fill(columns > row_pos[:, None], -math.inf)
-    weights = torch.exp(logits - logits.amax(-1, keepdim=True))  # (N, R, C)
-    inv_norm = (1.0 / weights.sum(-1)).unsqueeze(-2)  # (N, 1, R)
-    far = columns <= (row_pos[:, None] - distances[:, None, None])  # (T, R, C)
-    far_weights = torch.where(far, weights.unsqueeze(-3), 0.0)  # (N, T, R, C), fused away by inductor
-    return far_weights.sum(-1) * inv_norm, far_weights.square().sum(-1) * inv_norm.square()
-
-
-_FUSED: dict[str, Callable | None] = {}
-
-
-def _fused_block(
-    row_sums: Callable,
-    q_block: torch.Tensor,
-    key: torch.Tensor,
-    row_pos: torch.Tensor,
-    stop: int,
-    thresholds: torch.Tensor,
-    groups: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query block through the compiled row statistics; float64 ``(B, T, H)`` sums over its rows.
-
-    Every call must hit the *same* compiled graph, or results would depend on which shapes the
-    process saw first: the inputs are fresh contiguous tensors (no view bases to guard on), every
-    dimension is unbacked (no 0/1 or equal-size specialisation), and grad mode is always off.
-    """
-    batch, kv_heads, group_rows, head_dim = q_block.shape
-    rows = row_pos.shape[0]
-    with torch.inference_mode():
-        # (B·H_kv, G·B_q, stop): each row of the block against every key it can see.
-        scores = torch.bmm(
-            q_block.reshape(batch * kv_heads, group_rows, head_dim),
-            key[:, :, :stop].reshape(batch * kv_heads, stop, head_dim).transpose(1, 2),
-        )
-        positions = row_pos.repeat(groups)  # (G·B_q,): row g·B_q + r is query position row_pos[r]
-        distances = thresholds.clone()
-        for tensor in (scores, positions, distances):
-            for dim in range(tensor.dim()):
-                torch._dynamo.decorators.mark_unbacked(tensor, dim)
-        mass, square = row_sums(scores, positions, distances)  # (B·H_kv, T, G·B_q)
-    # Sum over the block's rows, then (B, H_kv, T, G) → (B, T, H) with h = kv·G + g.
-    def per_head(values: torch.Tensor) -> torch.Tensor:
-        values = values.double().view(batch, kv_heads, -1, groups, rows).sum(-1)
-        return values.permute(0, 2, 1, 3).reshape(batch, values.shape[2], kv_heads * groups)
-
-    return per_head(mass), per_head(square)
-
-
-def _fused_row_sums_function() -> Callable | None:
-    """``torch.compile(fused_row_sums)`` when it can work here, else ``None`` (eager path).
-
-    ``HF_LONGATTN_FUSED=0`` is read on every call, so a process and the workers it spawns agree.
-    """
-    if os.environ.get("HF_LONGATTN_FUSED", "1") == "0":
-        return None
-    if "function" not in _FUSED:
-        has_compiler = shutil.which(os.environ.get("CXX", "g++")) is not None or torch.cuda.is_available()
-        _FUSED["function"] = torch.compile(fused_row_sums, dynamic=True) if has_compiler else None
-    return _FUSED["function"]
-
-
-def _disable_fused(error: Exception) -> None:
-    logger.warning("hf_longattn: fused attention statistics unavailable (%s); using the eager path", error)
-    _FUSED["function"] = None
+def _sum_rows_per_head(values: torch.Tensor, batch: int, kv_heads: int, groups: int) -> torch.Tensor:
+    """``(B·H_kv, T, G·B_q)`` per-row values → float64 ``(B, T, H)`` sums over the block's rows, ``h = kv·G + g``."""
+    values = values.double().view(batch, kv_heads, values.shape[1], groups, -1).sum(-1)
+    return values.permute(0, 2, 1, 3).reshape(batch, values.shape[2], kv_heads * groups)

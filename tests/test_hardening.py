@@ -344,14 +344,13 @@ def selected(scored, **selector_kwargs) -> tuple[list[str], dict[str, str | None
 
 
 def force_eager_sums(monkeypatch) -> bool:
-    """Turn off ``attention_stats``' ``torch.compile``-fused path (needs a C++ compiler), here and in spawned
-    workers, as on a machine without a compiler; False when there is no such path (eager is the default)."""
-    from hf_longattn import attention_stats
+    """Turn off the compiled CPU kernel (needs a C++ compiler), here and in spawned workers, as on a
+    machine without a compiler; False when it is not in use here anyway (eager is the default)."""
+    from hf_longattn import cpu_kernel
 
-    if not hasattr(attention_stats, "_FUSED"):
+    if cpu_kernel.far_row_sums_function() is None:
         return False
     monkeypatch.setenv("HF_LONGATTN_FUSED", "0")
-    monkeypatch.setitem(attention_stats._FUSED, "function", None)
     return True
 
 

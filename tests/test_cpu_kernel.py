@@ -1,0 +1,130 @@
+"""The compiled CPU row-sum kernel (``csrc/far_row_sums.cpp``) against a float64 reference, and its fallbacks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from hf_longattn import attention_stats, cpu_kernel
+from hf_longattn.attention_stats import far_attention_sums
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def far_row_sums():
+    function = cpu_kernel.far_row_sums_function()
+    assert function is not None, "the kernel must build wherever a C++ compiler exists"
+    return function
+
+
+def reference_row_sums(scores: torch.Tensor, positions: torch.Tensor, distances: torch.Tensor):
+    """Per row: float64 causal softmax over keys ``i ≤ n``, summed over ``i ≤ n − k`` (p and p²)."""
+    scores = scores.double()
+    columns = torch.arange(scores.shape[-1])
+    visible = columns[None, :] <= positions[:, None]  # (R, C)
+    probabilities = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # (N, R, C)
+    far = columns[None, None, :] <= (positions[None, :, None] - distances[:, None, None])  # (T, R, C)
+    masked = probabilities[:, None] * far  # (N, T, R, C)
+    return masked.sum(-1), masked.square().sum(-1)
+
+
+@pytest.mark.parametrize("columns", [1, 15, 16, 17, 100, 333])
+def test_matches_float64_reference(far_row_sums, columns):
+    generator = torch.Generator().manual_seed(columns)
+    rows = 7
+    scores = torch.randn(3, rows, columns, generator=generator) * 4  # peaky rows, wide logit range
+    positions = torch.randint(0, columns, (rows,), generator=generator)
+    positions[0] = columns - 1  # one row sees every key
+    distances = torch.tensor([5, 1, columns + 3, 2])  # unsorted; one larger than any position
+    mass, square = far_row_sums(scores, positions, distances)
+    expected_mass, expected_square = reference_row_sums(scores, positions, distances)
+    assert mass.dtype == torch.float64 and mass.shape == (3, 4, rows)
+    torch.testing.assert_close(mass, expected_mass, rtol=2e-6, atol=1e-12)
+    torch.testing.assert_close(square, expected_square, rtol=2e-6, atol=1e-12)
+    assert (mass[:, 2] == 0).all() and (square[:, 2] == 0).all()  # no key is that far
+
+
+def test_scores_past_a_rows_position_are_never_read(far_row_sums):
+    scores = torch.randn(2, 4, 64)
+    positions = torch.tensor([10, 20, 30, 63])
+    poisoned = scores.clone()
+    for row, position in enumerate(positions.tolist()):
+        poisoned[:, row, position + 1 :] = float("nan")  # future keys: must not leak into any sum
+    distances = torch.tensor([3, 8])
+    for clean, dirty in zip(far_row_sums(scores, positions, distances), far_row_sums(poisoned, positions, distances)):
+        assert torch.equal(clean, dirty)
+
+
+def test_result_does_not_depend_on_the_thread_count(far_row_sums):
+    scores = torch.randn(6, 48, 2000)
+    positions = torch.arange(1952, 2000)
+    distances = torch.tensor([500, 1000])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = far_row_sums(scores, positions, distances)
+        torch.set_num_threads(max(2, threads))
+        multi = far_row_sums(scores, positions, distances)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(single, multi))
+
+
+@pytest.mark.parametrize(
+    ("scores", "positions", "distances", "message"),
+    [
+        (torch.randn(2, 3, 8, dtype=torch.float64), torch.arange(3), torch.tensor([1]), "float32"),
+        (torch.randn(2, 3, 8), torch.arange(3).int(), torch.tensor([1]), "int64"),
+        (torch.randn(2, 3, 8), torch.tensor([0, 1, 8]), torch.tensor([1]), "outside"),
+        (torch.randn(2, 3, 8), torch.arange(3), torch.tensor([0]), ">= 1"),
+    ],
+)
+def test_bad_input_is_refused(far_row_sums, scores, positions, distances, message):
+    with pytest.raises(RuntimeError, match=message):
+        far_row_sums(scores, positions, distances)
+
+
+def test_environment_variable_turns_the_kernel_off(far_row_sums, monkeypatch):
+    monkeypatch.setenv("HF_LONGATTN_FUSED", "0")
+    assert cpu_kernel.far_row_sums_function() is None
+    with pytest.raises(RuntimeError, match="compiled CPU kernel"):
+        far_attention_sums(torch.randn(1, 2, 32, 8), torch.randn(1, 1, 32, 8), [4], 0.3, fused=True)
+
+
+def test_a_failing_kernel_falls_back_to_the_eager_path_once(far_row_sums, monkeypatch, caplog):
+    query, key = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16)
+    expected = far_attention_sums(query, key, [24], 0.25, block_rows=16, fused=False)
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setitem(cpu_kernel._LOADED, "function", broken)
+    with caplog.at_level(logging.WARNING, logger="hf_longattn.cpu_kernel"):
+        sums = far_attention_sums(query, key, [24], 0.25, block_rows=16)
+    assert len(calls) == 1 and "simulated kernel failure" in caplog.text
+    assert torch.equal(sums.far_mass, expected.far_mass)
+    assert cpu_kernel._LOADED["function"] is None  # off for the rest of the process
+
+
+def test_a_failed_build_warns_and_leaves_the_eager_path(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension\nc++: command not found")
+
+    monkeypatch.setattr(cpu_kernel, "_registered", lambda: False)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernel, "_LOADED", {})
+    with caplog.at_level(logging.WARNING, logger="hf_longattn.cpu_kernel"):
+        assert cpu_kernel.far_row_sums_function() is None
+    assert "command not found" in caplog.text and "eager" in caplog.text
+    query, key = torch.randn(1, 2, 40, 8), torch.randn(1, 1, 40, 8)
+    eager = attention_stats.far_attention_sums(query, key, [10], 0.3, fused=False)
+    assert torch.equal(attention_stats.far_attention_sums(query, key, [10], 0.3).far_mass, eager.far_mass)
