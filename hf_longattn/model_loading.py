@@ -4,13 +4,17 @@ For a safetensors checkpoint (local folder or Hub repo, sharded or not) only the
 read: the token embeddings, every layer below the deepest scored one in full, and of the deepest
 scored layer its input norm, q/k projections and q/k norms. With a
 ``model.safetensors.index.json`` only the shards holding them are opened (or downloaded):
-for LLaMA-3.1-70B at layer 0 that is one ~5 GB shard of 141 GB. GGUF files are read by
-transformers' GGUF loader, truncated to the scored layers. Pickled ``.bin`` checkpoints are
-refused unless the caller opts in, and ``trust_remote_code`` is off unless asked for.
+for LLaMA-3.1-70B at layer 0 that is one ~5 GB shard of 141 GB. From a GGUF file the same
+tensors are de-quantised (with the ``gguf`` package and transformers' GGUF name map and tensor
+processors), not the whole model as ``from_pretrained(gguf_file=...)`` would; architectures whose
+GGUF tensors need whole-file processing (MoE, fused QKV) fall back to transformers' loader. Pickled
+``.bin`` checkpoints are refused unless the caller opts in, and ``trust_remote_code`` is off unless
+asked for.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -172,7 +176,16 @@ def _truncated_config(config, last_layer: int):
 
 
 def load_config(source: ModelSource, *, trust_remote_code: bool = False):
-    """The model's ``PretrainedConfig`` (reads only the config or the GGUF metadata)."""
+    """The model's ``PretrainedConfig`` (reads only the config or the GGUF metadata), a fresh copy.
+
+    Parsed once per process and source: a GGUF file's metadata (vocabulary included) takes ~4 s
+    to parse, and the scorer needs the config both before and while loading the model.
+    """
+    return copy.deepcopy(_parsed_config(source, trust_remote_code))
+
+
+@lru_cache(maxsize=8)
+def _parsed_config(source: ModelSource, trust_remote_code: bool):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(
@@ -207,13 +220,7 @@ def load_attention_model(
     last_layer = max(layers)
     config = _truncated_config(load_config(source, trust_remote_code=trust_remote_code), last_layer)
     if source.kind == "gguf":
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(
-            source.location, config=config, attn_implementation=ATTENTION_NAME, dtype=dtype, **source.from_pretrained_kwargs
-        )
-        size = (Path(source.location) / source.gguf_file).stat().st_size
-        report = LoadReport(size, size, (source.gguf_file,))
+        model, report = _load_gguf_subset(source, config, last_layer, dtype)
     else:
         model, report = _load_safetensors_subset(source, config, last_layer, dtype, trust_remote_code, allow_pickle)
     return model.to(device).eval(), report
@@ -257,7 +264,6 @@ def _fetch(source: ModelSource, filename: str) -> str:
 
 
 def _load_safetensors_subset(source, config, last_layer, dtype, trust_remote_code, allow_pickle):
-    from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
     from transformers import AutoModel
@@ -270,9 +276,7 @@ def _load_safetensors_subset(source, config, last_layer, dtype, trust_remote_cod
         )
         return model, LoadReport(0, 0, ())
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModel.from_config(config, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code)
-    wanted = {name for name in model.state_dict() if needed_tensor(name, last_layer)}
+    model, wanted = _empty_model(config, last_layer, trust_remote_code)
     if weight_map is None:
         with safe_open(_fetch(source, SINGLE_FILE), framework="pt") as handle:
             weight_map = {name: SINGLE_FILE for name in handle.keys()}
@@ -292,13 +296,69 @@ def _load_safetensors_subset(source, config, last_layer, dtype, trust_remote_cod
                 tensor = handle.get_tensor(stored_name)
                 bytes_read += tensor.numel() * tensor.element_size()
                 set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype))
+    _finish(model, last_layer, dtype)
+    checkpoint_bytes = _checkpoint_bytes(source, weight_map)
+    return model, LoadReport(bytes_read, checkpoint_bytes, tuple(sorted(by_file)))
+
+
+def _empty_model(config, last_layer: int, trust_remote_code: bool = False) -> tuple[nn.Module, set[str]]:
+    """The base model on the meta device, and the names of the parameters scoring needs."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModel.from_config(config, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code)
+    return model, {name for name in model.state_dict() if needed_tensor(name, last_layer)}
+
+
+def _finish(model: nn.Module, last_layer: int, dtype: torch.dtype) -> None:
+    """Drop what the forward never reaches; every remaining parameter must have been loaded."""
     _drop_unused_modules(model, last_layer)
     leftover = [name for name, param in model.named_parameters() if param.device.type == "meta"]
     if leftover:
         raise ValueError(f"hf_longattn does not know how to skip parameters {leftover[:8]} of {type(model).__name__}")
     model.to(dtype)
-    checkpoint_bytes = _checkpoint_bytes(source, weight_map)
-    return model, LoadReport(bytes_read, checkpoint_bytes, tuple(sorted(by_file)))
+
+
+# GGUF tensor processors that transform one tensor at a time (others need the whole file).
+_PER_TENSOR_GGUF_PROCESSORS = ("TensorProcessor", "LlamaTensorProcessor")
+
+
+def _load_gguf_subset(source: ModelSource, config, last_layer: int, dtype: torch.dtype) -> tuple[nn.Module, LoadReport]:
+    """De-quantise only the needed tensors of a GGUF file (transformers' name map and tensor processors)."""
+    import numpy as np
+    from accelerate.utils import set_module_tensor_to_device
+    from gguf import GGUFReader, dequantize
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    path = Path(source.location) / source.gguf_file
+    reader = GGUFReader(path)
+    architecture = gguf_utils.read_field(reader, "general.architecture")[0]
+    processor_class = gguf_utils.TENSOR_PROCESSORS.get(architecture, gguf_utils.TensorProcessor)
+    if processor_class.__name__ not in _PER_TENSOR_GGUF_PROCESSORS:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(
+            source.location, config=config, attn_implementation=ATTENTION_NAME, dtype=dtype, **source.from_pretrained_kwargs
+        )
+        return model, LoadReport(path.stat().st_size, path.stat().st_size, (source.gguf_file,))
+
+    model, wanted = _empty_model(config, last_layer)
+    processor = processor_class(config=config.to_dict())
+    to_hf = gguf_utils.get_gguf_hf_weights_map(model, processor)  # GGUF tensor name → parameter name
+    bytes_read, loaded = 0, set()
+    for tensor in reader.tensors:
+        name = to_hf.get(tensor.name)
+        if name not in wanted:
+            continue
+        weights = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
+        set_module_tensor_to_device(model, name, "cpu", value=torch.from_numpy(np.array(weights)).to(dtype))  # a copy: GGUF data is a read-only memmap
+        bytes_read += int(tensor.n_bytes)
+        loaded.add(name)
+    if loaded != wanted:
+        raise ValueError(f"GGUF file {path} lacks tensors {sorted(wanted - loaded)[:8]}")
+    _finish(model, last_layer, dtype)
+    return model, LoadReport(bytes_read, path.stat().st_size, (source.gguf_file,))
 
 
 def _drop_unused_modules(model: nn.Module, last_layer: int) -> None:

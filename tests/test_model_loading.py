@@ -83,3 +83,20 @@ def test_missing_needed_shard_is_a_clear_error(sharded_checkpoint, tmp_path):
 def test_layer_beyond_the_model_is_rejected(sharded_checkpoint):
     with pytest.raises(ValueError, match="does not exist"):
         load_attention_model(resolve_source(str(sharded_checkpoint)), (9,), dtype=torch.float32)
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("layer", [0, 2])
+def test_gguf_dequantises_only_the_needed_tensors_exactly_as_transformers(smollm2_gguf, layer):
+    from transformers import AutoModel
+
+    model, report = load_attention_model(resolve_source(str(smollm2_gguf)), (layer,), dtype=torch.float32)
+    reference = AutoModel.from_pretrained(  # transformers' own GGUF loader: every tensor de-quantised
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, num_hidden_layers=layer + 1, dtype=torch.float32
+    ).state_dict()
+    ours = model.state_dict()
+    assert {f"layers.{layer}.self_attn.q_proj.weight", f"layers.{layer}.self_attn.k_proj.weight"} <= set(ours)
+    assert f"layers.{layer}.self_attn.v_proj.weight" not in ours  # never read
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, reference[name]), name  # incl. the reverse permutation of q/k rows
+    assert report.bytes_read < 0.5 * report.checkpoint_bytes  # SmolLM2 layer 0: the embeddings + 3 small tensors
