@@ -217,15 +217,12 @@ def bench_end_to_end(lengths, device):
             if len(ids) < length:
                 continue
             batch = {"input_ids": [ids[:length]]}
-            scorer(batch)  # warm-up
-            with PeakMemory(device) as memory:
-                start = time.perf_counter()
-                out = scorer(batch)
-                seconds = time.perf_counter() - start
-            rows.append({"L": length, "category": category, "s": seconds, "mem": memory.extra,
+            seconds, memory_extra = timed(lambda: scorer(batch), device, 2)
+            out = scorer(batch)
+            rows.append({"L": length, "category": category, "s": seconds, "mem": memory_extra,
                          "ds": out["longattn_ds"][0], "du": out["longattn_du"][0]})
             print(f"| {length} | {category} | {seconds:.2f} | {length / seconds:,.0f} | "
-                  f"{memory.extra / 2**30:.2f} | {rows[-1]['ds']:.4f} | {rows[-1]['du']:.3e} |", flush=True)
+                  f"{memory_extra / 2**30:.2f} | {rows[-1]['ds']:.4f} | {rows[-1]['du']:.3e} |", flush=True)
     return rows
 
 
