@@ -67,18 +67,18 @@ def _registered() -> bool:
     return hasattr(torch.ops.hf_longattn, "far_row_sums")
 
 
-def _build() -> Callable | None:
+def _build(capability: str | None = None) -> Callable | None:
+    """Build (or load the cached build of) the kernel for ``capability`` (default: this CPU's)."""
     if _registered():
         return torch.ops.hf_longattn.far_row_sums
     from torch.utils import cpp_extension
 
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    if capability not in ISA_FLAGS:
+        capability = "DEFAULT"  # portable code: at::vec falls back to plain loops
     flags = ["-O3", f"-DCPU_CAPABILITY={capability}"]
     if capability in ISA_FLAGS:
         flags += [f"-DCPU_CAPABILITY_{capability}", *ISA_FLAGS[capability]]
-    else:
-        capability = "DEFAULT"
-        flags = ["-O3", "-DCPU_CAPABILITY=DEFAULT"]
     try:
         cpp_extension.load(
             name=f"hf_longattn_far_row_sums_{capability.lower()}",

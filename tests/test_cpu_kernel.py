@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +131,29 @@ def test_a_failed_build_warns_and_leaves_the_eager_path(monkeypatch, caplog):
     query, key = torch.randn(1, 2, 40, 8), torch.randn(1, 1, 40, 8)
     eager = attention_stats.far_attention_sums(query, key, [10], 0.3, fused=False)
     assert torch.equal(attention_stats.far_attention_sums(query, key, [10], 0.3).far_mass, eager.far_mass)
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+def test_other_vector_isas_build_and_agree(capability, tmp_path):
+    """The portable build (any CPU) and the AVX2 build, each in a fresh process and build folder."""
+    if capability == "AVX2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU cannot run AVX2 code")
+    script = f"""
+import torch
+from hf_longattn import cpu_kernel
+from tests.test_cpu_kernel import reference_row_sums
+function = cpu_kernel._build({capability!r})
+assert function is not None
+generator = torch.Generator().manual_seed(0)
+scores = torch.randn(2, 5, 77, generator=generator) * 4
+positions = torch.tensor([76, 3, 40, 17, 60])
+distances = torch.tensor([9, 2])
+for ours, expected in zip(function(scores, positions, distances), reference_row_sums(scores, positions, distances)):
+    torch.testing.assert_close(ours, expected, rtol=2e-6, atol=1e-12)
+print("ok")
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (tmp_path / f"hf_longattn_far_row_sums_{capability.lower()}").is_dir()
