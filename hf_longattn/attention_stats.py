@@ -17,8 +17,9 @@ from which (see :func:`dependency_statistics`)
 
 The map is never materialised: query rows are processed in blocks of ``B_q`` rows against the
 keys they can see, so the largest temporary is ``(B, H, B_q, L)`` — linear in ``L`` (on CPU
-``B = 1``: windows go one at a time, so blocks stay cache-sized). Each row's softmax normaliser is exact (the whole visible row is in the block). Rows ``n < min_distance``
-have no far keys and are skipped entirely. Scores and sums are float32; per-row results are
+``B = 1``: windows go one at a time, so blocks stay cache-sized). Each row's softmax normaliser
+is exact (the whole visible row is in the block). Rows ``n < min_distance`` have no far keys and
+are skipped entirely. Scores and sums are float32; per-row results are
 accumulated in float64, whatever the dtype of ``query``/``key``.
 """
 
@@ -87,6 +88,12 @@ def dependency_statistics(sums: FarAttentionSums) -> DependencyStatistics:
     )
 
 
+def windows_per_block(batch: int, device: torch.device) -> int:
+    """How many windows of a batch share one score block: one on CPU (so blocks stay cache-sized, ~2×
+    faster), the whole batch elsewhere."""
+    return 1 if device.type == "cpu" else batch
+
+
 def query_block_size(batch: int, heads: int, length: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
     """Rows per query block so that one float32 score block ``(B, H, B_q, L)`` fits ``block_bytes``."""
     rows = block_bytes // max(1, 4 * batch * heads * length)
@@ -135,9 +142,8 @@ def far_attention_sums(
     distances = [int(k) for k in min_distances]
     if not distances or min(distances) < 1:
         raise ValueError(f"min_distances must be positive integers, got {list(min_distances)}")
-    if batch > 1 and query.device.type == "cpu":
-        # One window at a time: its score blocks stay cache-sized (~2× faster than a batch's blocks),
-        # and a window's sums cannot depend on the windows sharing its batch.
+    if windows_per_block(batch, query.device) < batch:
+        # One window at a time: a window's sums cannot depend on the windows sharing its batch.
         if block_rows is None:
             block_rows = query_block_size(1, heads, length, block_bytes)
         per_window = [

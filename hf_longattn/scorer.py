@@ -17,6 +17,7 @@ from .attention_stats import (
     DEFAULT_BLOCK_BYTES,
     dependency_statistics,
     query_block_size,
+    windows_per_block,
 )
 from .model_loading import (
     ModelSource,
@@ -388,14 +389,12 @@ class LongAttnScorer:
                 out["longattn_status"][row.position] = reason
 
     def _block_rows(self, length: int, block_bytes: int) -> int:
-        """Query rows per block of the torch backend, sized for the largest batch of windows of ``length`` (one on CPU).
+        """Query rows per block of the torch backend, sized for the most windows of ``length`` one block holds.
 
         Fixed per (length, configuration), never per batch: a window's float32 block sums (so its score,
         bit for bit) must not depend on how many windows share its forward (batch size, retry in halves).
         """
-        # The CPU path scores one window at a time (see `far_attention_sums`): size blocks for one.
-        on_cpu = self._device is None or self._device.type == "cpu"
-        largest_batch = 1 if on_cpu else max(1, self.config["max_batch_tokens"] // length)
+        largest_batch = windows_per_block(max(1, self.config["max_batch_tokens"] // length), self._device)
         return query_block_size(largest_batch, int(self.model_config.num_attention_heads), length, block_bytes)
 
     def _forward(self, group: list[_Row], out: dict[str, list], block_bytes: int) -> None:
