@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public name -> defining module; imported on first use so `hf-longattn --help` starts without torch.
 _EXPORTS = {
@@ -20,8 +20,11 @@ _EXPORTS = {
     "lds_scores": "selection",
     "export_dataset": "publication",
     "push_to_hub": "publication",
-    "LongAttnPipeline": "pipeline",
-    "PipelineConfig": "pipeline",
+    "LongAttnPipeline": "run.job",
+    "RunConfig": "config",
+    "PipelineConfig": "config",
+    "LongAttnError": "errors",
+    "format_summary": "counts",
     "probe": "probe",
 }
 

@@ -124,8 +124,8 @@ def far_attention_sums(
             16 rows); small blocks stay in cache, which is ~2× faster than large ones on CPU.
         fused (`bool`, *optional*): use the compiled CPU kernel (:mod:`hf_longattn.cpu_kernel`:
             one ``exp`` per visible score, normaliser and far sums in the same pass) on CPU
-            tensors; ``None`` (default) uses it when it builds, else the eager torch path;
-            ``HF_LONGATTN_FUSED=0`` turns it off.
+            tensors; ``None`` (default) lets :mod:`hf_longattn.kernels` decide (the kernel when it
+            builds and ``HF_LONGATTN_FUSED`` is not ``0``, else the eager torch path).
 
     Returns:
         `FarAttentionSums` with float64 ``(B, T, H)`` tensors, ``T = len(min_distances)``.
@@ -150,11 +150,8 @@ def far_attention_sums(
             far_attention_sums(query[b : b + 1], key[b : b + 1], distances, scaling, block_rows=block_rows, fused=fused)
             for b in range(batch)
         ]
-        return FarAttentionSums(
-            torch.cat([sums.far_mass for sums in per_window]),
-            torch.cat([sums.far_square_mass for sums in per_window]),
-            length,
-        )
+        return FarAttentionSums(torch.cat([sums.far_mass for sums in per_window]),
+                                torch.cat([sums.far_square_mass for sums in per_window]), length)
     groups = heads // kv_heads
     far_mass = torch.zeros(batch, len(distances), heads, dtype=torch.float64, device=query.device)
     far_square_mass = torch.zeros_like(far_mass)
@@ -168,7 +165,9 @@ def far_attention_sums(
     query = (query.float() * scaling).view(batch, kv_heads, groups, length, head_dim)  # (B, H_kv, G, L, d)
     key = key.float()  # (B, H_kv, L, d)
 
-    row_sums = cpu_kernel.far_row_sums_function() if fused is not False and query.device.type == "cpu" else None
+    from . import kernels  # here, not at the top: kernels imports this module
+
+    row_sums = kernels.cpu_row_sums() if fused is not False and query.device.type == "cpu" else None
     if fused is True and row_sums is None:
         raise RuntimeError("fused=True needs the compiled CPU kernel: a CPU tensor, a C++ compiler and ninja")
     thresholds = torch.tensor(distances, device=query.device)
@@ -180,38 +179,57 @@ def far_attention_sums(
         # (B, H_kv, G·B_q, stop): every key a row of this block can see; row g·B_q + r is query head
         # kv·G + g at position start + r.
         scores = torch.matmul(q_block, key[:, :, :stop].transpose(-1, -2))
-        if row_sums is not None:
-            try:
-                # (B·H_kv, T, G·B_q) float64 Σ_far p and Σ_far p² per row.
-                mass, square = row_sums(scores.view(batch * kv_heads, groups * rows, stop), row_pos.repeat(groups), thresholds)
-            except Exception as error:  # noqa: BLE001 - fall back to the eager path, once, loudly
-                cpu_kernel.disable(error)
-                row_sums = None
-            else:
-                far_mass += _sum_rows_per_head(mass, batch, kv_heads, groups)
-                far_square_mass += _sum_rows_per_head(square, batch, kv_heads, groups)
-                continue
-        scores = scores.view(batch, kv_heads, groups, rows, stop)  # (B, H_kv, G, B_q, stop)
-        # Causal mask: only the diagonal tile [start, stop) × [start, stop) has future keys.
-        scores[..., start:stop].masked_fill_(row_pos[None, :] > row_pos[:, None], -math.inf)
-        scores -= scores.amax(-1, keepdim=True)
-        weights = scores.exp_()  # unnormalised probabilities, in place: (B, H_kv, G, B_q, stop)
-        inv_norm = 1.0 / weights.sum(-1, dtype=torch.float64)  # (B, H_kv, G, B_q)
-        for t, distance in enumerate(distances):
-            # Far keys of row n are [0, n − k]: a common prefix [0, start − k] plus a band.
-            common = min(max(start - distance + 1, 0), stop)
-            band_stop = min(max(stop - distance, 0), stop)
-            mass = weights[..., :common].sum(-1, dtype=torch.float64)
-            square = torch.linalg.vecdot(weights[..., :common], weights[..., :common]).double()
-            if band_stop > common:
-                band_cols = torch.arange(common, band_stop, device=query.device)
-                band = weights[..., common:band_stop] * (band_cols[None, :] <= row_pos[:, None] - distance)
-                mass += band.sum(-1, dtype=torch.float64)
-                square += torch.linalg.vecdot(band, band).double()
-            # (B, H_kv, G, B_q) → per query head (B, H), summed over this block's rows.
-            far_mass[:, t] += (mass * inv_norm).sum(-1).reshape(batch, heads)
-            far_square_mass[:, t] += (square * inv_norm.square()).sum(-1).reshape(batch, heads)
+        if row_sums is not None and _add_kernel_block(row_sums, scores, row_pos, thresholds, far_mass, far_square_mass):
+            continue
+        row_sums = None  # the kernel is off, or failed once: eager from now on
+        _add_eager_block(scores.view(batch, kv_heads, groups, rows, stop), row_pos, distances, far_mass, far_square_mass)
     return FarAttentionSums(far_mass, far_square_mass, length)
+
+
+def _add_kernel_block(row_sums, scores: torch.Tensor, row_pos: torch.Tensor, thresholds: torch.Tensor,
+                      far_mass: torch.Tensor, far_square_mass: torch.Tensor) -> bool:
+    """Compiled path: add one block's far sums (``scores`` ``(B, H_kv, G·B_q, stop)``); `False` if the kernel failed."""
+    batch, kv_heads, group_rows, stop = scores.shape
+    groups = far_mass.shape[2] // kv_heads
+    try:
+        # (B·H_kv, T, G·B_q) float64 Σ_far p and Σ_far p² per row.
+        mass, square = row_sums(scores.view(batch * kv_heads, group_rows, stop), row_pos.repeat(groups), thresholds)
+    except Exception as error:  # noqa: BLE001 - fall back to the eager path, once, loudly
+        cpu_kernel.disable(error)
+        return False
+    far_mass += _sum_rows_per_head(mass, batch, kv_heads, groups)
+    far_square_mass += _sum_rows_per_head(square, batch, kv_heads, groups)
+    return True
+
+
+def _add_eager_block(scores: torch.Tensor, row_pos: torch.Tensor, distances: list[int], far_mass: torch.Tensor,
+                     far_square_mass: torch.Tensor) -> None:
+    """Eager path: add one block's far sums to ``far_mass`` / ``far_square_mass`` ``(B, T, H)`` (in place).
+
+    ``scores`` ``(B, H_kv, G, B_q, stop)`` are the scaled logits of the block's rows ``row_pos``
+    against keys ``0 .. stop − 1``; they are overwritten.
+    """
+    batch, heads = far_mass.shape[0], far_mass.shape[2]
+    start, stop = int(row_pos[0]), scores.shape[-1]
+    # Causal mask: only the diagonal tile [start, stop) × [start, stop) has future keys.
+    scores[..., start:stop].masked_fill_(row_pos[None, :] > row_pos[:, None], -math.inf)
+    scores -= scores.amax(-1, keepdim=True)
+    weights = scores.exp_()  # unnormalised probabilities, in place: (B, H_kv, G, B_q, stop)
+    inv_norm = 1.0 / weights.sum(-1, dtype=torch.float64)  # (B, H_kv, G, B_q)
+    for t, distance in enumerate(distances):
+        # Far keys of row n are [0, n − k]: a common prefix [0, start − k] plus a band.
+        common = min(max(start - distance + 1, 0), stop)
+        band_stop = min(max(stop - distance, 0), stop)
+        mass = weights[..., :common].sum(-1, dtype=torch.float64)
+        square = torch.linalg.vecdot(weights[..., :common], weights[..., :common]).double()
+        if band_stop > common:
+            band_cols = torch.arange(common, band_stop, device=scores.device)
+            band = weights[..., common:band_stop] * (band_cols[None, :] <= row_pos[:, None] - distance)
+            mass += band.sum(-1, dtype=torch.float64)
+            square += torch.linalg.vecdot(band, band).double()
+        # (B, H_kv, G, B_q) → per query head (B, H), summed over this block's rows.
+        far_mass[:, t] += (mass * inv_norm).sum(-1).reshape(batch, heads)
+        far_square_mass[:, t] += (square * inv_norm.square()).sum(-1).reshape(batch, heads)
 
 
 def _sum_rows_per_head(values: torch.Tensor, batch: int, kv_heads: int, groups: int) -> torch.Tensor:

@@ -81,6 +81,14 @@ STEP_HELP = {
         "config), creating it if needed (--private). The token comes from `hf auth login` or "
         "HF_TOKEN. Under HF_HUB_OFFLINE=1 it stops with a clear message before doing anything.",
     ),
+    "probe": (
+        "check that the scoring model/layer separates real windows from shuffled-chunk controls",
+        "Scorer self-check on the run's documents: per category, real windows of W tokens (Algorithm 1 "
+        "spans) and as many controls made of probe_chunk_size-token chunks of different documents of the same "
+        "category, all scored with every --layer in one pass. Prints AUC per layer and category (the probability "
+        "that a real window outscores a control) with a verdict, and writes report.json, report.md and probe.png "
+        "to output_dir/probe (or --output).",
+    ),
     "config": (
         "print the resolved configuration as YAML",
         "Print the configuration the other commands would use (config file, --input, options and "
@@ -129,19 +137,17 @@ def _parse_set(values: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``hf-longattn`` argument parser (subcommands: run, windows, score, select, export, push, config)."""
-    from . import __version__
-
-    common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("configuration (later ones win: --config < --input < options < --set)")
+def add_config_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> None:
+    """Add the configuration flags every command shares (``--config``, ``--input``, options, ``--set``) to ``parser``."""
+    group = parser.add_argument_group("configuration (later ones win: --config < --input < options < --set)")
     group.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded offline demo)")
-    group.add_argument("--input", metavar="PATH", action="append", default=[],
+    group.add_argument("--input", "--data", dest="input", metavar="PATH", action="append", default=[],
                        help="documents to use instead of the config's sources: .jsonl(.gz), .parquet, a text file "
                             "or a folder (repeatable); category from a `category` column, else the file/folder name")
     for flag, key, kind, text in OPTIONS:
-        group.add_argument(flag, dest=key, type=_number if kind == "number" else kind, default=None,
-                           metavar=key.upper(), help=text)
+        if key not in skip:
+            group.add_argument(flag, dest=key, type=_number if kind == "number" else kind, default=None,
+                               metavar=key.upper(), help=text)
     group.add_argument("--faithful", dest="faithful", action="store_true", default=None,
                        help="reference-code window boundaries (no window for a document of exactly W tokens)")
     group.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO_ID", default=None,
@@ -150,25 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="create the Hub repo as private")
     group.add_argument("--set", dest="set_values", metavar="KEY=VALUE", action="append", default=[],
                        help="any config key, value parsed as YAML (repeatable), e.g. --set keep_fraction=0.25")
-    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    common.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-longattn`` argument parser (subcommands: run, windows, score, select, export, push, probe, config)."""
+    from . import __version__
+    from .probe.command import add_probe_parser
+
+    common = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(common)
     parser = argparse.ArgumentParser(
         prog="hf-longattn", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"hf-longattn {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (short, long) in STEP_HELP.items():
-        commands.add_parser(name, parents=[common], help=short, description=long)
-    from .probe import add_probe_parser
-
-    add_probe_parser(commands)
+        if name == "probe":
+            add_probe_parser(commands, short, long)
+        else:
+            commands.add_parser(name, parents=[common], help=short, description=long)
     return parser
 
 
 def config_from_args(args: argparse.Namespace):
-    """The `PipelineConfig` of parsed arguments: --config (or the demo), then --input, options, --set."""
-    from .pipeline import PipelineConfig
+    """The `RunConfig` of parsed arguments: --config (or the demo), then --input, options, --set (validated once)."""
+    from .config import RunConfig
     from .sources import SourceConfig
 
     overrides: dict[str, Any] = {}
@@ -176,14 +190,11 @@ def config_from_args(args: argparse.Namespace):
         overrides["sources"] = [SourceConfig(path=path).to_dict() for path in args.input]
         if args.config is None:
             overrides["output_dir"] = "longattn-output"
-    for _, key, _, _ in OPTIONS:
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    for key in ("faithful", "push_to_hub", "private"):
-        if getattr(args, key) is not None:
+    for key in RunConfig.keys():  # every flag's dest is the config key it sets
+        if key != "sources" and getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     overrides.update(_parse_set(args.set_values))
-    return PipelineConfig.from_yaml(args.config, overrides)
+    return RunConfig.from_yaml(args.config, overrides)
 
 
 def _is_main_process() -> bool:
@@ -191,7 +202,10 @@ def _is_main_process() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``hf-longattn``; returns the exit status (0 ok, 2 configuration or input error).
+    """Entry point of ``hf-longattn``; returns the exit status (0 ok, 2 configuration, input or storage error).
+
+    Every error a user can cause or fix comes out as one line naming the file or row and what to
+    do (``--traceback`` shows the traceback too).
 
     Example:
 
@@ -204,48 +218,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING, format="%(message)s")
     logging.getLogger("hf_longattn").setLevel(logging.INFO if _is_main_process() else logging.WARNING)
-    if args.command == "probe":
-        return args.func(args)
-
-    from .pipeline import LongAttnPipeline, PipelineError, format_summary
+    from .errors import LongAttnError
 
     try:
         config = config_from_args(args)
         if args.command == "config":
             print(config.to_yaml(), end="")
             return 0
-        pipeline = LongAttnPipeline(config, progress=not args.no_progress)
-        started = time.perf_counter()
-        if args.command in ("run", "push"):
-            pipeline.check_push()  # before any work
-        if args.command == "run":
-            summary = pipeline.run()
-        elif args.command == "windows":
-            pipeline.windows()
-            summary = None
-        elif args.command == "score":
-            pipeline.score()
-            summary = None
-        elif args.command == "select":
-            summary = pipeline.select()
-        elif args.command == "export":
-            pipeline.export()
-            summary = pipeline.summary() if pipeline.is_main else None
-        else:  # push
-            if not config.push_to_hub:
-                raise PipelineError("push needs a repo: --push-to-hub REPO_ID (or push_to_hub in the config)")
-            pipeline.push()
-            summary = None
-        if summary:
-            print(format_summary(summary), flush=True)
-        if pipeline.is_main:
-            print(f"[{args.command}] done in {time.perf_counter() - started:.1f} s; outputs in {config.output_dir}", flush=True)
-        return 0
-    except (PipelineError, ValueError, FileNotFoundError, FileExistsError) as error:
+        if args.command == "probe":
+            return args.func(args, config)
+        return _run_step(args.command, config, progress=not args.no_progress)
+    except (LongAttnError, ValueError, FileNotFoundError, FileExistsError) as error:
         if args.traceback:
             raise
         print(f"hf-longattn {args.command}: error: {error}", file=sys.stderr, flush=True)
         return 2
+
+
+def _run_step(command: str, config: Any, *, progress: bool) -> int:
+    """Run one step (or ``run``: all) of the job and print its summary on the main process."""
+    from .counts import format_summary
+    from .errors import LongAttnError
+    from .run.job import LongAttnPipeline
+
+    pipeline = LongAttnPipeline(config, progress=progress)
+    started = time.perf_counter()
+    if command in ("run", "push"):
+        pipeline.check_push()  # before any work
+    summary = None
+    if command == "run":
+        summary = pipeline.run()
+    elif command == "windows":
+        pipeline.windows()
+    elif command == "score":
+        pipeline.score()
+    elif command == "select":
+        summary = pipeline.select()
+    elif command == "export":
+        pipeline.export()
+        summary = pipeline.summary() if pipeline.is_main else None
+    else:  # push
+        if not config.push_to_hub:
+            raise LongAttnError("push needs a repo: --push-to-hub REPO_ID (or push_to_hub in the config)")
+        pipeline.push()
+    if summary:
+        print(format_summary(summary), flush=True)
+    if pipeline.is_main:
+        print(f"[{command}] done in {time.perf_counter() - started:.1f} s; outputs in {config.output_dir}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ default) and cached by torch under ``TORCH_EXTENSIONS_DIR`` (default
 about 10 s once per machine; loading a built kernel takes well under a second.
 
 Where it cannot be built (no compiler, no ninja) :func:`far_row_sums_function` returns ``None``
-once, with a warning, and callers use the eager torch path; ``HF_LONGATTN_FUSED=0`` turns the
-kernel off (read on every call, so a process and the workers it spawns agree).
+once, with a warning, and callers use the eager torch path. Whether it is used at all is decided
+in :mod:`hf_longattn.kernels` (``HF_LONGATTN_FUSED=0`` turns it off).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,8 +48,6 @@ def far_row_sums_function() -> Callable | None:
     ``distances`` ``(T,)`` int64 (key ``i`` is far iff ``i ≤ n − k``), and returns float64
     ``(N, T, R)`` tensors ``Σ_far p`` and ``Σ_far p²`` of each row's causal softmax ``p``.
     """
-    if os.environ.get("HF_LONGATTN_FUSED", "1") == "0":
-        return None
     if "function" not in _LOADED:
         _LOADED["function"] = _build()
     return _LOADED["function"]

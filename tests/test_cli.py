@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from hf_longattn.cli import STEP_HELP, build_parser, config_from_args, main
-from hf_longattn.pipeline import PipelineConfig
+from hf_longattn.config import RunConfig
 
-from .test_pipeline import CATEGORIES, load_export, tiny_model_with_tokenizer, write_corpus
+from .corpus import CATEGORIES, write_corpus
+from .helpers import load_export, tiny_model_with_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def test_no_command_prints_the_overview(capsys):
 def test_config_resolution_order(tmp_path, capsys):
     parser = build_parser()
     demo = config_from_args(parser.parse_args(["run"]))
-    assert demo == PipelineConfig.demo()
+    assert demo == RunConfig.demo()
     mine = config_from_args(parser.parse_args(["run", "--input", "docs/", "--input", "more.jsonl", "--window-size", "4096",
                                                "--min-distance", "1024", "--set", "keep_fraction=0.5"]))
     assert [s.path for s in mine.sources] == ["docs/", "more.jsonl"]
@@ -75,7 +76,7 @@ def test_config_resolution_order(tmp_path, capsys):
     assert mine.model == "smollm2"
     assert main(["config", "--alpha", "1", "--set", "seed=7"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert PipelineConfig.from_dict(printed) == PipelineConfig.demo(alpha=1.0, seed=7)
+    assert RunConfig.from_dict(printed) == RunConfig.demo(alpha=1.0, seed=7)
 
 
 def test_errors_exit_2_with_a_clear_message(tmp_path, capsys, monkeypatch):

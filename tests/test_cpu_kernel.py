@@ -94,7 +94,9 @@ def test_bad_input_is_refused(far_row_sums, scores, positions, distances, messag
 
 def test_environment_variable_turns_the_kernel_off(far_row_sums, monkeypatch):
     monkeypatch.setenv("HF_LONGATTN_FUSED", "0")
-    assert cpu_kernel.far_row_sums_function() is None
+    from hf_longattn import kernels
+
+    assert kernels.cpu_row_sums() is None and kernels.kernel_name("cpu") == "eager"
     with pytest.raises(RuntimeError, match="compiled CPU kernel"):
         far_attention_sums(torch.randn(1, 2, 32, 8), torch.randn(1, 1, 32, 8), [4], 0.3, fused=True)
 

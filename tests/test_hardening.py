@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hf_longattn import scorer as scorer_module
-from hf_longattn import triton_stats
+from hf_longattn import kernels
 from hf_longattn.scorer import LongAttnScorer
 from hf_longattn.selection import LongAttnSelector
 
@@ -93,8 +93,8 @@ def unconstrained(llama, oom_windows):
     "error", [torch.OutOfMemoryError(CUDA_OOM), RuntimeError(CPU_OOM), MemoryError()], ids=["cuda", "cpu", "python"]
 )
 def test_oom_on_batches_retries_in_halves_down_to_one_window(llama, oom_windows, unconstrained, monkeypatch, error):
-    flaky = FlakySums(triton_stats.attention_sums, lambda batch, _: batch > 1, error)
-    monkeypatch.setattr(triton_stats, "attention_sums", flaky)
+    flaky = FlakySums(kernels.attention_sums, lambda batch, _: batch > 1, error)
+    monkeypatch.setattr(kernels, "attention_sums", flaky)
     scored = run_map(LongAttnScorer(llama, min_distance=[0.25, 16]), oom_windows)
     assert scored["id"] == oom_windows["id"]
     assert scored["longattn_status"] == ["ok"] * len(oom_windows)
@@ -105,9 +105,9 @@ def test_oom_on_batches_retries_in_halves_down_to_one_window(llama, oom_windows,
 
 def test_oom_on_one_window_retries_with_smaller_blocks(llama, oom_windows, unconstrained, monkeypatch):
     limit = 4 * 2**20
-    flaky = FlakySums(triton_stats.attention_sums, lambda batch, block: batch > 1 or block > limit,
+    flaky = FlakySums(kernels.attention_sums, lambda batch, block: batch > 1 or block > limit,
                       torch.OutOfMemoryError(CUDA_OOM))
-    monkeypatch.setattr(triton_stats, "attention_sums", flaky)
+    monkeypatch.setattr(kernels, "attention_sums", flaky)
     scored = run_map(LongAttnScorer(llama, min_distance=[0.25, 16]), oom_windows)
     assert scored["longattn_status"] == ["ok"] * len(oom_windows)
     tried, budget = [], scorer_module.DEFAULT_BLOCK_BYTES
@@ -138,7 +138,7 @@ def test_window_that_never_fits_gets_an_error_status_and_the_job_goes_on(
     monkeypatch.setattr(scorer_module, "layer_attention_sums", layer_sums)
     scored = run_map(LongAttnScorer(llama, min_distance=[0.25, 16]), oom_windows, batch_size=4)
     statuses = list(scored["longattn_status"])
-    assert statuses[3].startswith("error:") and "out of memory" in statuses[3]
+    assert statuses[3] == "oom" and scored["longattn_status_detail"][3].startswith(type(error).__name__)
     assert statuses[:3] + statuses[4:] == ["ok"] * (len(oom_windows) - 1)
     assert scored["longattn_ds"][3] is None and scored["longattn_du"][3] is None
     expected = score_bits(unconstrained)
@@ -168,8 +168,8 @@ def test_other_errors_and_non_finite_scores_only_touch_their_own_window(
     monkeypatch.setattr(scorer_module, "layer_attention_sums", layer_sums)
     scored = run_map(LongAttnScorer(llama, min_distance=[0.25, 16]), oom_windows)
     statuses = list(scored["longattn_status"])
-    assert statuses[1] == "error: RuntimeError: kernel failed"
-    assert statuses[2].startswith("error: non-finite")
+    assert (statuses[1], scored["longattn_status_detail"][1]) == ("error", "RuntimeError: kernel failed")
+    assert statuses[2] == "non_finite" and scored["longattn_status_detail"][2].startswith("non-finite attention")
     assert [s for i, s in enumerate(statuses) if i not in (1, 2)] == ["ok"] * (len(oom_windows) - 2)
     expected = score_bits(unconstrained)
     for column, values in score_bits(scored).items():
@@ -217,14 +217,14 @@ def expected_row(token_ids, min_distance: float) -> tuple[str, int]:
     if token_ids is None:
         return "missing", 0
     if None in token_ids:  # a missing id inside the row: reported, nothing scored
-        return "error", 0
+        return "bad_token", 0
     if not token_ids:
         return "empty", 0
     k = min_distance if isinstance(min_distance, int) else max(1, int(min_distance * len(token_ids)))
     if len(token_ids) <= k:
         return "too_short", len(token_ids)
     if min(token_ids) < 0 or max(token_ids) >= VOCAB:
-        return "error", len(token_ids)
+        return "bad_token", len(token_ids)
     return "ok", len(token_ids)
 
 
@@ -235,8 +235,10 @@ def check_scored(scored, source, expected_ids, min_distance):
         status = row["longattn_status"]
         want, num_tokens = expected_row(token_ids, min_distance)
         event(f"status {want}")  # python -m pytest --hypothesis-show-statistics shows what the fuzzing reached
-        assert status == want or (want == "error" and status.startswith("error: ") and len(status) > 10), (
-            status, want, token_ids)
+        assert status == want, (status, want, token_ids)
+        assert (row["longattn_status_detail"] is None) == (status in ("ok", "empty", "missing")), row
+        if status == "bad_token":
+            assert "token id" in row["longattn_status_detail"]
         assert row["longattn_num_tokens"] == num_tokens
         if status == "ok":
             assert np.isfinite(row["longattn_ds"]) and 0.0 <= row["longattn_ds"] <= 1.0
@@ -268,9 +270,9 @@ def test_fuzzed_text_never_crashes_drops_or_emits_non_finite(text_scorer, texts,
         for text in texts
     ]
     check_scored(scored, source, expected_ids, 4)
-    for token_ids, status in zip(expected_ids, scored["longattn_status"]):
+    for token_ids, status, detail in zip(expected_ids, scored["longattn_status"], scored["longattn_status_detail"]):
         if token_ids and VOCAB in token_ids and status != "too_short":  # "<oov>" is token 320
-            assert status == f"error: token id {VOCAB} outside the vocabulary [0, {VOCAB})"
+            assert (status, detail) == ("bad_token", f"token id {VOCAB} outside the vocabulary [0, {VOCAB})")
 
 
 _token = st.one_of(st.integers(0, VOCAB - 1), st.integers(-(2**63), 2**63 - 1))

@@ -374,4 +374,13 @@ def test_cli_on_pre_tokenised_jsonl(tiny_model_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="hf-longattn")
     add_probe_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["probe", *argv[:-2], "--layers", "all", "--by", "none"])
-    assert args.func.__name__ == "run_probe_command" and args.layers == "all" and args.window_size == 64
+    assert args.func.__name__ == "run_probe_command" and args.probe_layers == "all" and args.window_size == 64
+
+    # The pipeline's vocabulary: --input, --layer, --probe-num-windows, --probe-chunk-size, --output-dir, and
+    # --min-distance in tokens; the report goes to output_dir/probe.
+    run_dir = tmp_path / "run"
+    new = ["--model", folder, "--input", str(data), "--window-size", "64", "--layer", "0,2", "--probe-num-windows", "3",
+           "--probe-chunk-size", "16", "--seed", "1", "--min-distance", "16", "--output-dir", str(run_dir)]
+    assert main(new) == 0
+    again = json.loads((run_dir / "probe" / "report.json").read_text())
+    assert again["config"]["min_distance"] == 16 and again["samples"][0]["id"] == report["samples"][0]["id"]

@@ -104,11 +104,10 @@ def make_metadata(probe_png: Path) -> dict:
         "keep_fraction": 0.5,
         "selection_method": "lds",
         "dtype": "float32",
-        "hf_longattn_version": "0.1.0",
-        "summary": [{"group": "arxiv", "rows": 10, "valid": 8, "kept": 4, "threshold": 0.123456,
-                     "dropped": {"too_short": 2}}],
-        "documents": {"in": 14, "too_short": 2},
-        "windows": {"in": 22, "out": 7},
+        "hf_longattn_version": "0.2.0",
+        "categories": {"arxiv": {"threshold": 0.123456, "documents": 14, "documents_too_short": 2,
+                                 "windows_left_out": 3}},
+        "sources": [{"source": "embedded:python-stdlib", "category": "arxiv", "license": "PSF-2.0"}],
         "probe": {"title": "Needle probe", "table": "| probe | value |\n|---|---|\n| needle_gap | 0.987 |",
                   "png": str(probe_png)},
         "hf_token": FAKE_TOKEN,  # must never be written
@@ -267,11 +266,13 @@ def test_card_row_and_token_counts(card_text):
     arxiv = scored["arxiv"]
     tokens_in = sum(arxiv["longattn_num_tokens"])
     tokens_out = sum(t for t, s in zip(arxiv["longattn_num_tokens"], arxiv["longattn_selected"]) if s)
-    # category | split | rows in | rows ok | rows out | tokens in | tokens out | share | threshold
-    expected = f"| arxiv | `arxiv` | 10 | 8 | 4 | {tokens_in:,} | {tokens_out:,} | {tokens_out / tokens_in:.1%} | 0.1235 |"
+    # category | split | documents | too short | left out | windows | ok | kept | tokens in | tokens out | kept % | threshold
+    expected = (f"| arxiv | `arxiv` | 14 | 2 | 3 | 10 | 8 | 4 | {tokens_in:,} | {tokens_out:,} | "
+                f"{tokens_out / tokens_in:.1%} | 0.1235 |")
     assert expected in card_text
-    assert "| ../../evil | `evil` | 5 | 5 | 0 |" in card_text
-    assert "| **total** |  | 22 | 19 | 7 |" in card_text
+    assert "| ../../evil | `evil` | — | — | — | 5 | 5 | 0 |" in card_text
+    assert "| **total** |  | — | — | — | 22 | 19 | 7 |" in card_text
+    assert "rounded down" in card_text
 
 
 def test_card_quantiles_computed_independently(card_text):
@@ -293,8 +294,7 @@ def test_card_quantiles_computed_independently(card_text):
 def test_card_status_counts_and_sections(card_text):
     assert "| category | `too_long_gap` | total |" in card_text
     assert "| arxiv | 2 | 2 |" in card_text and "| github code | 1 | 1 |" in card_text
-    assert "| arxiv | too_short | 2 |" in card_text  # from the metadata summary
-    assert "| too_short | 2 |" in card_text  # documents counters
+    assert "| embedded:python-stdlib | arxiv | PSF-2.0 |" in card_text  # the sources, named
     assert "## Needle probe" in card_text and "| needle_gap | 0.987 |" in card_text
     assert "`evil` kept no rows" in card_text
     assert FAKE_TOKEN not in card_text and "hf_token" not in card_text

@@ -14,7 +14,8 @@ from hf_longattn.attention_stats import dependency_statistics
 from hf_longattn.reference import sums_from_attention_map
 from hf_longattn.scorer import LongAttnScorer, min_distance_tokens
 
-from .conftest import TINY_ARCHITECTURES, read_documents
+from .conftest import TINY_ARCHITECTURES
+from .corpus import long_text
 
 RTOL = 1e-4
 
@@ -106,7 +107,9 @@ def test_status_and_nulls_for_empty_short_and_missing(tiny_model_dir):
     assert scored["id"] == ds["id"]  # nothing dropped or reordered
     statuses = scored["longattn_status"]
     assert statuses[:4] == ["ok", "empty", "too_short", "missing"]
-    assert statuses[4].startswith("error: token id 400 outside the vocabulary")
+    assert statuses[4] == "bad_token"
+    assert scored["longattn_status_detail"][4] == "token id 400 outside the vocabulary [0, 320)"
+    assert scored["longattn_status_detail"][:4] == [None, None, "10 tokens, k = 10", None]
     assert statuses[5] == "ok"
     for row in scored:
         if row["longattn_status"] != "ok":
@@ -225,9 +228,8 @@ def test_smollm2_matches_reference_on_real_windows(smollm2_gguf, smollm2_referen
     scorer = LongAttnScorer(str(smollm2_gguf), min_distance=[0.25, 128, 0.5], max_length=1024)
     tokenizer = scorer.tokenizer
     windows, categories = [], []
-    for category in ("arxiv", "book", "code"):
-        documents = [d for d in read_documents(category, limit=6) if len(d["text"]) > 20_000][:1]
-        ids = tokenizer(documents[0]["text"], add_special_tokens=False)["input_ids"]
+    for category in ("code", "docs", "prose"):
+        ids = tokenizer(long_text(category), add_special_tokens=False)["input_ids"]
         windows += [ids[1000:2024], ids[3000:3768]]
         categories += [category, category]
     scored = run_map(scorer, Dataset.from_dict({"category": categories, "input_ids": windows}), keep_in_memory=True)
@@ -243,7 +245,7 @@ def test_smollm2_matches_reference_on_real_windows(smollm2_gguf, smollm2_referen
 @pytest.mark.smollm2
 def test_smollm2_scores_text_columns(smollm2_gguf):
     scorer = LongAttnScorer(str(smollm2_gguf), max_length=256)
-    text = read_documents("book", limit=1)[0]["text"][:20_000]
+    text = long_text("prose")[:20_000]
     ds = Dataset.from_dict({"text": [text, "   ", "", None, "short"]})
     scored = run_map(scorer, ds, keep_in_memory=True)
     assert scored["longattn_status"][:4] == ["ok", "empty", "empty", "missing"]

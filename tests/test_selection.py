@@ -122,8 +122,10 @@ def test_unknown_normalization_lists_valid_ones():
         lds_scores([1.0], [1.0], normalization="rank")
     with pytest.raises(ValueError, match=r"\['zscore', 'minmax'\]"):
         LongAttnSelector(normalization="rank")
-    with pytest.raises(ValueError, match=r"\['lds', 'random'\]"):
+    with pytest.raises(ValueError, match=r"unknown selection method 'best'; available: \['lds_v1', 'random_v1'\] "
+                                         r"\(aliases: lds → lds_v1, random → random_v1\)"):
         LongAttnSelector(method="best")
+    assert LongAttnSelector(method="lds_v1").fit(_tiny_scores()).summary() == LongAttnSelector().fit(_tiny_scores()).summary()
 
 
 def test_non_finite_scores_rejected():
@@ -154,15 +156,15 @@ def test_per_group_counts_and_summary():
         assert row["rows"] == len(rows) == 20
         assert row["valid"] == len(valid)
         assert row["kept"] == sum(rows["longattn_selected"]) == len(valid) // 2
-        assert row["rows"] == row["valid"] + sum(row["dropped"].values()) + row["invalid_scores"]
+        assert row["rows"] == row["valid"] + sum(row["not_ok"].values()) + row["invalid_scores"]
         kept = [r for r in valid if r["longattn_selected"]]
         last = sorted(kept, key=lambda r: (-r["longattn_lds"], r["id"]))[-1]
         assert row["threshold"] == {"lds": last["longattn_lds"], "id": last["id"]}
-    total_dropped = {}
+    total_not_ok = {}
     for row in summary.values():
-        for status, count in row["dropped"].items():
-            total_dropped[status] = total_dropped.get(status, 0) + count
-    assert total_dropped == {"too_short": 3, "error": 3}
+        for status, count in row["not_ok"].items():
+            total_not_ok[status] = total_not_ok.get(status, 0) + count
+    assert total_not_ok == {"too_short": 3, "error": 3}
     assert sum(row["invalid_scores"] for row in summary.values()) == 3
 
 
@@ -331,3 +333,10 @@ def test_lds_values_do_not_depend_on_row_order():
     forward = lds_scores(strength, uniformity)
     shuffled = lds_scores(strength[order], uniformity[order])
     assert np.array_equal(forward[order], shuffled)  # bit-identical, not just close
+
+
+def _tiny_scores():
+    import pyarrow as pa
+
+    return pa.table({"id": ["a", "b", "c"], "category": ["x"] * 3, "longattn_ds": [0.1, 0.3, 0.2],
+            "longattn_du": [-1.0, -2.0, -3.0], "longattn_status": ["ok"] * 3})

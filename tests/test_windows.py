@@ -129,8 +129,8 @@ def test_count_windows():
         "documents": 6,
         "documents_too_short": 1,
         "windows": expected_windows,
-        "tokens_in": sum(lengths),
-        "tokens_in_windows": expected_windows * w,
+        "tokens_documents": sum(lengths),
+        "tokens_in": expected_windows * w,
     }
     faithful = count_windows(np.array(lengths), w, faithful=True)
     assert faithful["documents_too_short"] == 2 and faithful["windows"] == expected_windows - 1

@@ -17,9 +17,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from hf_longattn.pipeline import LongAttnPipeline, PipelineConfig, check_chunk, chunk_name
+from hf_longattn.config import RunConfig
+from hf_longattn.run.chunks import check_chunk
+from hf_longattn.run.job import LongAttnPipeline
+from hf_longattn.run.layout import chunk_name
 
-from .test_pipeline import CATEGORIES, tiny_model_with_tokenizer, write_corpus
+from .corpus import CATEGORIES, write_corpus
+from .helpers import tiny_model_with_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 300  # seconds for one torchrun launch; generous for a loaded 2-core machine
@@ -48,8 +52,8 @@ def setup(tiny_model_dir, tmp_path_factory):
     return base, model, corpus
 
 
-def config_for(model: Path, corpus: Path, output_dir: Path) -> PipelineConfig:
-    return PipelineConfig(
+def config_for(model: Path, corpus: Path, output_dir: Path) -> RunConfig:
+    return RunConfig(
         model=str(model),
         sources=[{"path": str(corpus / f"{category}.jsonl")} for category in CATEGORIES],
         window_size=32,
@@ -186,23 +190,3 @@ def test_deleted_and_damaged_chunks_are_redone_in_process(setup):
     assert changed == {f"chunk-00000{i}.{suffix}" for i in (1, 2, 3) for suffix in ("parquet", "done")}
     assert pq.read_table(base / "in-process" / "selection.parquet").equals(reference)
     assert again["categories"] == first["categories"]
-
-
-def test_check_chunk_reasons(tmp_path):
-    pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "chunk-000000.parquet")
-    assert check_chunk(tmp_path, 0, 2, "fp") == "no completion marker (a parquet file without marker is not trusted)"
-    from hf_longattn.pipeline import atomic_write_json, sha256_file
-
-    record = {"rows": 2, "sha256": sha256_file(tmp_path / "chunk-000000.parquet"), "fingerprint": "fp"}
-    atomic_write_json(tmp_path / "chunk-000000.done", record)
-    assert check_chunk(tmp_path, 0, 2, "fp") is None
-    assert check_chunk(tmp_path, 0, 3, "fp") == "marker says 2 rows, expected 3"
-    assert check_chunk(tmp_path, 0, 2, "other") == "marker from another configuration"
-    (tmp_path / "chunk-000000.parquet").write_bytes(b"x")
-    assert "sha256 does not match" in check_chunk(tmp_path, 0, 2, "fp")
-    (tmp_path / "chunk-000000.parquet").unlink()
-    assert check_chunk(tmp_path, 0, 2, "fp") == "parquet file missing"
-    (tmp_path / "chunk-000000.done").write_text("{truncated")
-    assert check_chunk(tmp_path, 0, 2, "fp").startswith("unreadable marker")
-    assert not list(tmp_path.glob(".*tmp-*"))
-    shutil.rmtree(tmp_path)

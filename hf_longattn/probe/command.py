@@ -1,0 +1,98 @@
+"""``hf-longattn probe``: the scorer self-check from the command line, with the pipeline's flags (old probe flags as aliases)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ALIASES = {"--data": "--input", "--layers": "--layer", "--num-windows": "--probe-num-windows",
+           "--chunk-size": "--probe-chunk-size", "--output": "the report folder (default: output_dir/probe)"}
+"""The probe's flags before hf_longattn 0.2 and what they are now (all still accepted)."""
+
+
+def _layers(text: str) -> list[int] | str:
+    """``"0,4,8"`` → ``[0, 4, 8]``; ``"all"`` stays ``"all"``."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--layer expects ints separated by commas or 'all', got {text!r}") from error
+
+
+def add_probe_parser(subparsers: Any, short: str = "check that the scoring model/layer separates real windows",
+                     description: str | None = None) -> argparse.ArgumentParser:
+    """Register ``probe`` on an ``argparse`` sub-parser set; it dispatches to :func:`run_probe_command` via ``args.func``."""
+    from ..cli import add_config_arguments
+
+    parser = subparsers.add_parser("probe", help=short, description=description or short)
+    add_config_arguments(parser, skip=("layer", "chunk_size"))
+    group = parser.add_argument_group("probe")
+    group.add_argument("--layer", "--layers", dest="probe_layers", type=_layers, default=None, metavar="LAYERS",
+                       help="decoder layers to compare: ints separated by commas, or 'all' (config: probe_layers)")
+    group.add_argument("--probe-num-windows", "--num-windows", dest="probe_num_windows", type=int, default=None,
+                       metavar="N", help="real windows (and as many controls) per category (config: probe_num_windows)")
+    group.add_argument("--probe-chunk-size", "--chunk-size", dest="probe_chunk_size", type=int, default=None,
+                       metavar="TOKENS", help="tokens per chunk of a control, at most W/2 (config: probe_chunk_size)")
+    group.add_argument("--by", default="category", help="group column ('none' for one group; default: category)")
+    group.add_argument("--text-column", default="text", help="text column of the documents (default: text)")
+    group.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: a GPU if any)")
+    group.add_argument("--output", default=None, metavar="FOLDER",
+                       help="folder for report.json, report.md and probe.png (default: output_dir/probe)")
+    parser.set_defaults(func=run_probe_command)
+    return parser
+
+
+def run_probe_command(args: argparse.Namespace, config: Any = None) -> int:
+    """Run ``hf-longattn probe``: print counts and the table, write report.json / report.md / probe.png, print the verdict."""
+    from ..cli import config_from_args
+    from ..run.storage import atomic_write_text
+    from ..sources import SourceConfig, read_sources
+    from .core import probe
+
+    config = config if config is not None else config_from_args(args)
+    sources = config.sources
+    if args.text_column != "text":
+        sources = [SourceConfig.from_dict({**s.to_dict(), "text_column": args.text_column}) for s in sources]
+    documents = read_sources(sources)
+    report = probe(
+        config.model, documents, window_size=config.window_size, layers=config.probe_layers,
+        by=None if str(args.by).lower() == "none" else args.by, num_windows=config.probe_num_windows,
+        chunk_size=config.probe_chunk_size, seed=config.seed, keep_fraction=config.keep_fraction, alpha=config.alpha,
+        tokenizer=config.tokenizer, min_distance=config.min_distance, dtype=config.dtype, device=args.device,
+        revision=config.revision,
+    )
+    output = Path(args.output) if args.output else Path(config.output_dir) / "probe"
+    output.mkdir(parents=True, exist_ok=True)
+    for group, counts in report.counts.items():
+        print(f"{group}: {counts['documents']} documents ({counts['window_documents']} of ≥ {config.window_size} tokens), "
+              f"{counts['candidate_windows']} candidate windows, {counts['real']} real + {counts['control']} "
+              f"control windows, {counts['not_scored']} not scored")
+    timings = report.timings
+    print(f"scored {timings['windows_scored']} windows ({timings['tokens_scored']} tokens) × {len(report.layers)} layers "
+          f"in {timings['score_s']:.1f} s (total {timings['total_s']:.1f} s)\n")
+    print(report.to_markdown())
+    atomic_write_text(output / "report.md", report.to_markdown() + "\n\n" + report.to_markdown("wide") + "\n\n"
+                      + report.verdict + "\n")
+    report.to_json(output / "report.json")
+    written = [output / "report.json", output / "report.md"]
+    try:
+        written.append(report.plot(output / "probe.png"))
+    except ImportError as error:
+        print(f"\n(no plot: {error})")
+    print(f"\nwrote {', '.join(map(str, written))}\n")
+    print(report.verdict)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hf_longattn.probe ...``: the probe subcommand on its own."""
+    from ..cli import main as cli_main
+
+    return cli_main(["probe", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,172 @@
+"""Files that are complete or absent: atomic writes and folder swaps, checksums, and JSON read with errors that name the file.
+
+A reader sees either the old file, no file, or the complete new one: every file goes to a hidden
+temporary name in the same folder, is fsynced, then renamed into place, and the folder is
+fsynced. A crash leaves at most a hidden ``.<name>.tmp-<pid>`` behind, which the next writer of
+that name removes. Storage errors (full, over quota, read-only) become a `LongAttnError` that
+says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import LongAttnError, is_storage_error, storage_error
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """fsync a folder so that a rename inside it is durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """``.<name>.tmp-<pid>`` next to ``path``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` through ``write(temporary_path)``, fsync it and rename it into place atomically.
+
+    Example:
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> atomic_write(target, lambda tmp: tmp.write_text("done")).read_text()
+    'done'
+    """
+    path = Path(path)
+    temporary = temporary_name(path)
+    try:
+        with storage_errors(path):
+            write(temporary)
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a storage `OSError` (full, over quota, not writable) inside the block into a clear `LongAttnError`."""
+    try:
+        yield
+    except OSError as error:
+        if is_storage_error(error):
+            raise storage_error(path, error) from error
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
+    """:func:`atomic_write` of ``data`` as indented, key-sorted JSON."""
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder under a temporary name; on success it replaces ``path`` whole, on failure nothing changes.
+
+    Yields the temporary folder to fill. Storage errors become a clear `LongAttnError`; the
+    temporary folder is removed either way.
+
+    Example:
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "export"
+    >>> with atomic_folder(target) as folder:
+    ...     _ = (folder / "README.md").write_text("card")
+    >>> sorted(p.name for p in target.iterdir())
+    ['README.md']
+    """
+    path = Path(path)
+    temporary = temporary_name(path)
+    shutil.rmtree(temporary, ignore_errors=True)
+    previous = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        with storage_errors(path):
+            temporary.mkdir(parents=True)
+            yield temporary
+            for root, _, files in os.walk(temporary):
+                for name in files:
+                    with open(os.path.join(root, name), "rb+") as handle:
+                        os.fsync(handle.fileno())
+            if path.exists():
+                os.replace(path, previous)
+            os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+    fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = ".*.tmp-*") -> None:
+    """Remove leftovers of interrupted atomic writes in ``folder`` (files or folders matching ``pattern``)."""
+    for stale in Path(folder).glob(pattern):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
+def read_json(path: str | os.PathLike, *, what: str = "", remedy: str = "delete it and relaunch") -> Any:
+    """Parse a JSON file; a corrupt or unreadable one raises a `LongAttnError` naming it and what to do.
+
+    Example:
+
+    >>> import tempfile
+    >>> bad = Path(tempfile.mkdtemp()) / "timings.json"
+    >>> _ = bad.write_text("{trunc")
+    >>> read_json(bad, what="step timings")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hf_longattn.errors.LongAttnError: .../timings.json (step timings) is not valid JSON (line 1, column 2: ...): delete it and relaunch
+    """
+    label = f"{path}" + (f" ({what})" if what else "")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LongAttnError(f"{label} is not UTF-8 text ({error.reason} at byte {error.start}): {remedy}") from error
+    except OSError as error:
+        raise LongAttnError(f"cannot read {label}: {error.strerror or error}: {remedy}") from error
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise LongAttnError(
+            f"{label} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}): {remedy}"
+        ) from error
