@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +163,141 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert (tmp_path / f"hf_longattn_far_row_sums_{capability.lower()}").is_dir()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+posix_only = pytest.mark.skipif(cpu_kernel.fcntl is None or not hasattr(os, "killpg"), reason="needs flock and killpg")
+
+# A fresh process that gets the kernel the way the scorer does and checks it against the eager path.
+SUMS_SCRIPT = """
+import logging, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+import torch
+from hf_longattn import cpu_kernel, kernels
+from hf_longattn.attention_stats import far_attention_sums
+start = time.monotonic()
+function = cpu_kernel.far_row_sums_function()  # seconds to build, load or give up: printed below
+print("kernel", kernels.kernel_name("cpu"), f"{time.monotonic() - start:.2f}")
+query, key = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16)
+eager = far_attention_sums(query, key, [24], 0.25, block_rows=16, fused=False)
+ours = far_attention_sums(query, key, [24], 0.25, block_rows=16)
+torch.testing.assert_close(ours.far_mass, eager.far_mass, rtol=1e-5, atol=1e-12)
+torch.testing.assert_close(ours.far_square_mass, eager.far_square_mass, rtol=1e-5, atol=1e-12)
+print("ok")
+"""
+
+
+def run_sums(extensions: Path, timeout: float = 300, **env) -> tuple[subprocess.CompletedProcess, float]:
+    """Run :data:`SUMS_SCRIPT` with a private ``TORCH_EXTENSIONS_DIR``; the process and its wall time."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "HF_LONGATTN_FUSED": "1", **env}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", SUMS_SCRIPT], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc, time.monotonic() - start
+
+
+@posix_only
+@pytest.mark.slow
+def test_a_builder_killed_mid_build_does_not_hang_the_next_process(tmp_path):
+    """SIGKILL a process while it builds: torch's ``lock`` stays behind; on the old code the next one waited forever."""
+    build_dir = tmp_path / cpu_kernel._extension()[0]
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "HF_LONGATTN_FUSED": "1"}
+    builder = subprocess.Popen(
+        [sys.executable, "-c", "from hf_longattn import cpu_kernel; cpu_kernel.far_row_sums_function()"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (build_dir / "lock").exists() and builder.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    caught = builder.poll() is None and (build_dir / "lock").exists()
+    try:
+        os.killpg(builder.pid, signal.SIGKILL)  # it and its ninja/compiler children, as a job scheduler does
+    except ProcessLookupError:
+        pass
+    builder.wait(timeout=60)
+    if not caught:  # it finished before we saw the lock: leave the file a killed builder leaves
+        (build_dir / "lock").touch()
+    assert (build_dir / "lock").exists()
+
+    proc, seconds = run_sums(tmp_path)  # bounded: a hang fails here with TimeoutExpired
+    assert "kernel cpp" in proc.stdout, proc.stderr[-4000:]
+    assert "removed torch's stale build lock" in proc.stderr
+    assert not (build_dir / "lock").exists()
+    if caught:
+        assert "building the CPU attention kernel once for this machine" in proc.stderr
+    print(f"killed mid-build: {caught}; next process: {seconds:.1f} s ({proc.stdout.split()[2]} s to the kernel)")
+
+    (build_dir / "lock").touch()  # a builder killed while loading the finished build (~4 ms window)
+    proc, seconds = run_sums(tmp_path, timeout=120)
+    assert "kernel cpp" in proc.stdout and "removed torch's stale build lock" in proc.stderr
+    assert "building" not in proc.stderr  # a cached load stays silent
+    print(f"stale lock over a finished build: recovered in {seconds:.1f} s ({proc.stdout.split()[2]} s to the kernel)")
+
+
+@posix_only
+def test_a_held_build_lock_times_out_to_the_eager_path_naming_the_holder(tmp_path):
+    build_dir = tmp_path / cpu_kernel._extension()[0]
+    build_dir.mkdir()
+    with cpu_kernel._build_lock(build_dir, timeout=0) as held:
+        assert held
+        proc, seconds = run_sums(tmp_path, timeout=120, HF_LONGATTN_KERNEL_BUILD_TIMEOUT="2")
+    assert "kernel eager" in proc.stdout, proc.stderr[-4000:]
+    waited = float(proc.stdout.split()[2])  # in the child, from asking for the kernel to giving up
+    assert 2 <= waited < 10, proc.stdout
+    warning = next(line for line in proc.stderr.splitlines() if line.startswith("WARNING"))
+    assert f"pid {os.getpid()} on host {socket.gethostname()}" in warning
+    assert str(build_dir / cpu_kernel.LOCK_FILE) in warning and "HF_LONGATTN_KERNEL_BUILD_TIMEOUT" in warning
+    assert not list(build_dir.glob("*.so"))  # nothing was built behind the lock
+    print(f"timed out and fell back in {seconds:.1f} s")
+
+
+@posix_only
+def test_the_build_lock_excludes_a_second_holder_and_is_freed_on_exit(tmp_path):
+    (tmp_path / "lock").touch()  # torch's, as a killed builder leaves it
+    with cpu_kernel._build_lock(tmp_path, timeout=0) as held:
+        assert held and not (tmp_path / "lock").exists()
+        assert (tmp_path / cpu_kernel.LOCK_FILE).read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+        start = time.monotonic()
+        with (
+            pytest.raises(cpu_kernel.BuildLockTimeout, match=f"held by pid {os.getpid()} on host"),
+            cpu_kernel._build_lock(tmp_path, timeout=0.3),
+        ):
+            pass
+        assert 0.3 <= time.monotonic() - start < 5
+    with cpu_kernel._build_lock(tmp_path, timeout=0) as held:  # free again, and our pid was cleared
+        assert held
+
+
+@posix_only
+def test_without_flock_torchs_own_lock_is_used_as_before(tmp_path, monkeypatch, caplog):
+    class NoFlock:
+        LOCK_EX, LOCK_NB, LOCK_UN = 2, 4, 8
+
+        @staticmethod
+        def flock(fd, operation):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+    (tmp_path / "lock").touch()
+    monkeypatch.setattr(cpu_kernel, "fcntl", NoFlock)
+    with (
+        caplog.at_level(logging.DEBUG, logger="hf_longattn.cpu_kernel"),
+        cpu_kernel._build_lock(tmp_path, timeout=0) as held,
+    ):
+        assert not held
+    assert (tmp_path / "lock").exists()  # not ours to remove without our lock
+    assert "flock unavailable" in caplog.text
+    monkeypatch.setattr(cpu_kernel, "fcntl", None)  # Windows
+    with cpu_kernel._build_lock(tmp_path, timeout=0) as held:
+        assert not held
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 600.0), ("2", 2.0), ("0.5", 0.5), ("-1", 0.0), ("ten", 600.0)])
+def test_the_lock_timeout_comes_from_the_environment(monkeypatch, value, seconds):
+    if value is None:
+        monkeypatch.delenv(cpu_kernel.TIMEOUT_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(cpu_kernel.TIMEOUT_VARIABLE, value)
+    assert cpu_kernel._lock_timeout() == seconds
