@@ -42,6 +42,10 @@ class RunConfig:
         faithful (`bool`, defaults to `False`): reference-code window boundaries (no window for n == W).
         min_distance (`float | int`, defaults to 0.25): k as a fraction of W, or in tokens.
         layer (`int`, defaults to 0): decoder layer scored (paper: the first).
+        context_length (`int`, *optional*): the longest window the scoring model is trusted with;
+            default: the model's context (``max_position_embeddings``, see
+            `hf_longattn.model_loading.model_context`). A ``window_size`` above it is refused before
+            any work. Set it for a rope-scaled model whose config understates its context.
         alpha (`float`, defaults to 0.5): weight of DU_T in LDS_T.
         normalization (`str`, defaults to `"zscore"`): ``"zscore"`` (paper) or ``"minmax"`` (reference code).
         keep_fraction (`float`, defaults to 0.125): fraction of valid windows kept per category
@@ -89,6 +93,7 @@ class RunConfig:
     faithful: bool = False
     min_distance: float | int = 0.25
     layer: int = 0
+    context_length: int | None = None
     alpha: float = 0.5
     normalization: str = "zscore"
     keep_fraction: float = 0.125
@@ -221,10 +226,10 @@ class RunConfig:
             _check_text(self, name)
         for name in ("output_dir", "commit_message", "scorer"):
             _check_text(self, name, optional=False)
-        for name, low, optional in (("window_size", 2, False), ("layer", 0, False), ("seed", 0, False),
-                                    ("chunk_size", 1, False), ("batch_size", 1, False), ("num_proc", 1, True),
-                                    ("max_windows_per_category", 1, True), ("probe_num_windows", 1, False),
-                                    ("probe_chunk_size", 1, False)):
+        for name, low, optional in (("window_size", 2, False), ("layer", 0, False), ("context_length", 2, True),
+                                    ("seed", 0, False), ("chunk_size", 1, False), ("batch_size", 1, False),
+                                    ("num_proc", 1, True), ("max_windows_per_category", 1, True),
+                                    ("probe_num_windows", 1, False), ("probe_chunk_size", 1, False)):
             _check_integer(self, name, low, optional)
         for name in ("faithful", "private", "probe"):
             if not isinstance(getattr(self, name), bool):

@@ -25,6 +25,7 @@ from .model_loading import (
     load_attention_model,
     load_config,
     load_tokenizer,
+    model_context,
     resolve_source,
 )
 
@@ -34,6 +35,8 @@ STATUS_OK, STATUS_EMPTY, STATUS_MISSING, STATUS_TOO_SHORT = V.OK, V.EMPTY, V.MIS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _MIN_BLOCK_BYTES = 1 << 20
+_CONTEXT_WARNED: set[tuple[str, int, int]] = set()
+"""(model, max_length, context) already warned about in this process: the warning is given once per process."""
 
 
 # torch's CPU allocator raises a plain RuntimeError: "DefaultCPUAllocator: can't allocate memory: ...".
@@ -232,8 +235,8 @@ class LongAttnScorer:
 
     @property
     def model_context(self) -> int:
-        """The longest input the model was trained for: its config's ``max_position_embeddings``."""
-        return int(self.model_config.max_position_embeddings)
+        """The longest input the model was trained for (`hf_longattn.model_loading.model_context`)."""
+        return model_context(self.model_config)
 
     @classmethod
     def from_run_config(cls, config, device: str | None = None) -> LongAttnScorer:
@@ -284,12 +287,18 @@ class LongAttnScorer:
                 allow_pickle=self.config["allow_pickle"],
             )
             logger.info("hf_longattn: loaded %s on %s (%s)", self.config["model"], self._device, self.load_report)
-            if self.config["max_length"] and self.config["max_length"] > self.model_context:
-                logger.warning(
-                    "hf_longattn: max_length=%d exceeds the model's context (max_position_embeddings=%d): windows "
-                    "longer than that are scored at positions the model never saw, so their attention means little",
-                    self.config["max_length"], self.model_context)
+            self._warn_beyond_context()
         return self._model
+
+    def _warn_beyond_context(self) -> None:
+        """Warn (once per process and setting) when ``max_length`` exceeds the model's context."""
+        key = (self.config["model"], self.config["max_length"] or 0, self.model_context)
+        if key[1] > key[2] and key not in _CONTEXT_WARNED:
+            _CONTEXT_WARNED.add(key)
+            logger.warning(
+                "hf_longattn: max_length=%d exceeds the model's context (%d tokens, from its config): windows "
+                "longer than that are scored at positions the model never saw, so their attention means little",
+                key[1], key[2])
 
     # --- the map function --------------------------------------------------------------------------
     def __call__(self, batch: dict[str, list], *extra) -> dict[str, list]:

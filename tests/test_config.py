@@ -55,6 +55,8 @@ def test_yaml_overrides_and_round_trip(tmp_path):
         ({"model": "m", "sources": ["d"], "min_distance": 1.5}, r"min_distance must lie in \(0, 1\)"),
         ({"model": "m", "sources": ["d"], "window_size": 64, "min_distance": 64}, r"min_distance in tokens"),
         ({"model": "m", "sources": ["d"], "dtype": "fp8"}, "dtype must be one of"),
+        ({"model": "m", "sources": ["d"], "context_length": 1}, r"context_length must be an int >= 2 or null, got 1"),
+        ({"model": "m", "sources": ["d"], "context_length": "8k"}, r"context_length must be an int >= 2 or null"),
         ({"model": "m", "sources": ["d"], "scorer": "bert"}, r"scorer: unknown scorer 'bert'; available: \['longattn_v1'\]"),
         ({"model": "m", "sources": ["d"], "probe_layers": [0, 0]}, r"layers must be 'all', an int >= 0 or a list"),
         ({"model": "m", "sources": [{"path": "d", "colour": "red"}]}, r"Unknown source key\(s\) \['colour'\].*valid keys"),
@@ -65,6 +67,18 @@ def test_yaml_overrides_and_round_trip(tmp_path):
 def test_config_errors_are_clear(data, message):
     with pytest.raises(ValueError, match=message):
         PipelineConfig.from_dict(data)
+
+
+def test_context_length_key(tmp_path):
+    keys = PipelineConfig.keys()
+    assert keys.index("context_length") == keys.index("layer") + 1
+    assert PipelineConfig.demo().context_length is None
+    assert PipelineConfig.from_yaml(ROOT / "recipes/configs/longabc32k.yaml").context_length is None
+    config = PipelineConfig.from_yaml(None, {"context_length": 131072, "window_size": 65536})
+    assert (config.context_length, config.window_size) == (131072, 65536)
+    assert config.fingerprint_config("c") == config.replace(context_length=None).fingerprint_config("c")  # a gate only
+    (tmp_path / "c.yaml").write_text(config.to_yaml())
+    assert PipelineConfig.from_yaml(tmp_path / "c.yaml") == config
 
 
 def test_yaml_errors_name_the_file(tmp_path):
