@@ -216,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if getattr(args, "no_progress", False):  # read by datasets and huggingface_hub when they are imported
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING, format="%(message)s")
     logging.getLogger("hf_longattn").setLevel(logging.INFO if _is_main_process() else logging.WARNING)
     from .errors import LongAttnError
@@ -228,10 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "probe":
             return args.func(args, config)
         return _run_step(args.command, config, progress=not args.no_progress)
-    except (LongAttnError, ValueError, FileNotFoundError, FileExistsError) as error:
-        if args.traceback:
+    except (LongAttnError, ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+        from .errors import is_storage_error, storage_error
+
+        if args.traceback or (isinstance(error, OSError) and not isinstance(error, FileNotFoundError | FileExistsError)
+                              and not is_storage_error(error)):
             raise
-        print(f"hf-longattn {args.command}: error: {error}", file=sys.stderr, flush=True)
+        if is_storage_error(error):
+            error = storage_error(error.filename or getattr(args, "output_dir", None) or "the output folder", error)
+        print(f"hf-longattn {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         return 2
 
 

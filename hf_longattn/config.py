@@ -254,16 +254,16 @@ class RunConfig:
     # -- identity of windows and scores -----------------------------------------------------------
 
     def fingerprint_config(self, checkpoint: str) -> dict[str, Any]:
-        """What defines the windows and their scores; a relaunch into the same ``output_dir`` must match it.
+        """What defines the scores of a window; a relaunch into the same ``output_dir`` must match it.
 
         ``checkpoint`` identifies the weights (see `hf_longattn.model_loading.checkpoint_fingerprint`).
-        Selection settings (``alpha``, ``keep_fraction``, ...) are not part of it: re-selecting
-        with other settings reuses the scores.
+        The sources and the cap are not part of it: windows are identified by their content, so
+        edited, added or removed sources rebuild only the windows that changed and rescore only
+        those (`hf_longattn.run.windows_step`). Selection settings (``alpha``, ``keep_fraction``,
+        ...) are not part of it either: re-selecting with other settings reuses the scores.
         """
         return {
             "hf_longattn_version": __version__,
-            "sources": [s.to_dict() for s in self.sources],
-            "max_windows_per_category": self.max_windows_per_category,
             "checkpoint": checkpoint,
             "revision": self.revision,
             "tokenizer": self.tokenizer,

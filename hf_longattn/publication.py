@@ -76,11 +76,6 @@ def _inside(folder: Path, relative: str) -> Path:
     return path
 
 
-def _shard_name(split: str, index: int, num_shards: int) -> str:
-    """``<split>-00000-of-00003.parquet`` (the Hub's shard naming)."""
-    return f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
-
-
 def _validate(scored: Mapping[str, Any]) -> None:
     """Check that every split has the columns the export needs; list what exists otherwise."""
     if not scored:
@@ -97,33 +92,102 @@ def _validate(scored: Mapping[str, Any]) -> None:
 # -- export ----------------------------------------------------------------------------------------------
 
 
-def _write_shards(dataset: Any, directory: Path, split: str, max_shard_rows: int) -> list[str]:
-    """Write ``dataset`` as ``<split>-0000i-of-0000N.parquet`` shards (at least one, even if empty)."""
-    num_shards = max(1, math.ceil(len(dataset) / max_shard_rows))
-    names = []
-    for index in range(num_shards):
-        shard = dataset.shard(num_shards=num_shards, index=index, contiguous=True) if num_shards > 1 else dataset
-        name = _shard_name(split, index, num_shards)
-        shard.to_parquet(str(_inside(directory, name)))
-        names.append(name)
-    return names
+def part_name(split: str, part: int, parts: int, tag: str) -> str:
+    """``<split>-00000-of-00003-<tag>.parquet``: the Hub's shard naming plus the export's tag.
+
+    The tag changes with the content, so the card's ``data_files`` patterns change with it and
+    `datasets` never serves a cached copy of an earlier export of the same folder.
+    """
+    return f"{split}-{part:05d}-of-{parts:05d}-{tag}.parquet"
 
 
-def _split_summary(dataset: Any) -> tuple[dict[str, Any], dict[str, list[float]], list[int], list[str]]:
-    """Counts (`hf_longattn.counts.row_counts`), ok scores per column, selected rows and licenses of one split."""
+class ExportWriter:
+    """The parquet files of an export: one *part* per (config, split, part index), written into ``folder/data``."""
+
+    def __init__(self, folder: Path, tag: str, parts: int) -> None:
+        self.folder, self.tag, self.parts = folder, tag, parts
+        self.rows: dict[tuple[str, str], int] = {}
+
+    def write(self, config: str, split: str, part: int, table: Any) -> None:
+        """Write one part (nothing for an empty table: :meth:`finish` adds an empty file where a split has none)."""
+        import pyarrow.parquet as pq
+
+        key = (config, split)
+        self.rows.setdefault(key, 0)
+        if table.num_rows == 0:
+            return
+        directory = _inside(self.folder, f"data/{config}")
+        directory.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, _inside(directory, part_name(split, part, self.parts, self.tag)))
+        self.rows[key] += table.num_rows
+
+    def finish(self, splits: list[str], schema: Any) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
+        """Give every split of every config at least one (possibly empty) file; return the card's data files and
+        the splits that kept nothing (left out of the ``filtered`` config: `datasets` cannot load an empty split)."""
+        import pyarrow.parquet as pq
+
+        data_files: dict[str, list[dict[str, str]]] = {config: [] for config in CONFIGS}
+        for config in CONFIGS:
+            for split in splits:
+                if not self.rows.get((config, split)):  # no row group at all: `datasets` reads it as empty
+                    directory = _inside(self.folder, f"data/{config}")
+                    directory.mkdir(parents=True, exist_ok=True)
+                    pq.ParquetWriter(_inside(directory, part_name(split, 0, 1, self.tag)), schema).close()
+                entry = {"split": split, "path": f"data/{config}/{split}-*-{self.tag}.parquet"}
+                if config == "scored" or self.rows.get((config, split)):
+                    data_files[config].append(entry)
+        empty = [split for split in splits if not self.rows.get(("filtered", split))]
+        if not data_files["filtered"]:
+            logger.warning("No category kept any row: the `filtered` config lists empty splits only (load it with streaming=True).")
+            data_files["filtered"] = [{"split": s, "path": f"data/filtered/{s}-*-{self.tag}.parquet"} for s in splits]
+        return data_files, empty
+
+
+def split_summary(table: Any) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
+    """Counts (`hf_longattn.counts.row_counts`), the ok rows' finite scores per score column, and the licenses of a split."""
     import pyarrow.compute as pc
 
-    wanted = [c for c in (*REQUIRED_COLUMNS, V.NUM_TOKENS, V.INPUT_IDS, V.LICENSE) if c in dataset.column_names]
-    table = dataset.select_columns(wanted).with_format("arrow")[:]
     counts = row_counts(table)
-    ok = pc.equal(table.column(V.STATUS), V.OK)
+    ok = pc.fill_null(pc.equal(table.column(V.STATUS), V.OK), False)
     scores = {}
     for column in (V.DS, V.DU, V.LDS):
-        values = table.column(column).filter(pc.fill_null(ok, False)).to_pylist()
+        values = table.column(column).filter(ok).to_pylist()
         scores[column] = [float(v) for v in values if v is not None and math.isfinite(v)]
-    selected = pc.fill_null(table.column(V.SELECTED), False).to_numpy(zero_copy_only=False)
-    licenses = sorted({str(v) for v in table.column(V.LICENSE).to_pylist() if v}) if V.LICENSE in wanted else []
-    return counts, scores, [i for i, s in enumerate(selected) if s], licenses
+    licenses = sorted({str(v) for v in table.column(V.LICENSE).to_pylist() if v}) if V.LICENSE in table.column_names else []
+    return counts, scores, licenses
+
+
+def category_row(category: str, split: str, table: Any, run_counts: Mapping[str, Any]) -> tuple[CategoryRow, list[list]]:
+    """The card's row for one category, and its quantile rows, from its scored rows (and the run's own counters)."""
+    counts, scores, licenses = split_summary(table)
+    threshold = run_counts.get("threshold")
+    if threshold is None and counts["kept"]:  # the lowest LDS_T kept
+        import pyarrow.compute as pc
+
+        threshold = pc.min(table.column(V.LDS).filter(pc.fill_null(table.column(V.SELECTED), False))).as_py()
+    row = CategoryRow(category, split, counts["windows"], counts["scored_ok"], counts["kept"], counts["tokens_in"],
+                      counts["tokens_out"], counts["not_ok"], threshold, run_counts.get("documents"),
+                      run_counts.get("documents_too_short"), run_counts.get("windows_left_out"), licenses)
+    quantiles = []
+    for column, label in ((V.DS, "DS_T"), (V.DU, "DU_T"), (V.LDS, "LDS_T")):
+        quantile = score_quantiles(scores[column])
+        quantiles.append([category, label, len(scores[column]), *(quantile.get(name) for name, _ in QUANTILES)])
+    return row, quantiles
+
+
+def finish_export(folder: Path, metadata: Mapping[str, Any], scored: Mapping[str, Any], rows: list[CategoryRow],
+                  quantiles: list[list], columns: list[str], data_files: dict, empty: list[str], *, plots: bool,
+                  repo_id: str | None, license: str | None, pretty_name: str | None, tag: str) -> CardData:
+    """Plots (from ``scored``: split → rows with the score columns), the probe image and the card ``README.md``."""
+    plot_names = _plots(scored, folder, rows, metadata) if plots else {}
+    plot_names.update(_probe_plot(folder, metadata))
+    card = CardData.from_metadata(metadata, categories=rows, quantiles=quantiles, columns=columns, data_files=data_files,
+                                  plots=plot_names, empty_filtered_splits=empty, export_fingerprint=tag)
+    card.repo_id = repo_id or card.repo_id
+    card.license = license or card.license
+    card.pretty_name = pretty_name or card.pretty_name
+    _inside(folder, "README.md").write_text(card.render(), encoding="utf-8")
+    return card
 
 
 def export_dataset(
@@ -140,19 +204,21 @@ def export_dataset(
 ) -> Path:
     """Write scored LongAttn windows as a Hub-ready dataset folder with two configs and a dataset card.
 
-    Layout written under ``folder``::
+    Layout written under ``folder`` (``<tag>``: a short hash of the content, see :func:`part_name`)::
 
-        README.md                                   dataset card (YAML configs + markdown)
-        data/scored/<split>-00000-of-0000N.parquet  every window
-        data/filtered/<split>-00000-of-0000N.parquet windows with longattn_selected == True
-        plots/score_distributions.png               DS_T / DU_T / LDS_T histograms per category
-        plots/kept_vs_dropped.png                   windows kept / dropped / not ok per category
-        plots/probe.png                             only if ``metadata["probe"]`` has an image
+        README.md                                         dataset card (YAML configs + markdown)
+        data/scored/<split>-00000-of-0000N-<tag>.parquet  every window
+        data/filtered/<split>-00000-of-0000N-<tag>.parquet windows with longattn_selected == True
+        plots/score_distributions.png                     DS_T / DU_T / LDS_T histograms per category
+        plots/kept_vs_dropped.png                         windows kept / dropped / not ok per category
+        plots/probe.png                                   only if ``metadata["probe"]`` has an image
 
     Split names are sanitised to ``[A-Za-z0-9_]+`` (see `sanitize_split_name`) so no category name
     can write outside ``folder``. A category that kept no rows still gets a (valid, empty) parquet
     file in ``data/filtered/`` but is left out of the ``filtered`` config, because `datasets`
-    cannot load an empty split; if no category kept anything, the config lists them all.
+    cannot load an empty split; if no category kept anything, the config lists them all. The
+    folder is built under a temporary name and swapped in whole: an interrupted export leaves the
+    previous one (or none), never a partial one.
 
     Args:
         scored (`datasets.DatasetDict` or `Mapping[str, datasets.Dataset]`):
@@ -192,20 +258,62 @@ def export_dataset(
     _validate(scored)
     mapping = split_names(scored)
     folder = Path(folder)
+    check_export_folder(folder, overwrite)
+    tag = content_tag([getattr(d, "_fingerprint", None) or repr(d) for d in scored.values()], metadata, max_shard_rows)
+    with atomic_folder(folder) as building:
+        _keep_other_files(folder, building)
+        rows, quantiles = _write_splits(scored, building, mapping, metadata, max_shard_rows, tag)
+        writer = ExportWriter(building, tag, 1)
+        writer.rows = {(c, mapping[o]): 1 for o in scored for c in CONFIGS}
+        writer.rows.update({("filtered", r.split): r.kept for r in rows})
+        schema = next(iter(scored.values())).features.arrow_schema
+        data_files, empty = writer.finish(list(mapping.values()), schema)
+        renamed = {split: scored[original] for original, split in mapping.items()}
+        finish_export(building, metadata, renamed, rows, quantiles, list(next(iter(scored.values())).column_names),
+                      data_files, empty, plots=plots, repo_id=repo_id, license=license, pretty_name=pretty_name, tag=tag)
+    return folder
+
+
+def content_tag(parts: list[Any], *more: Any) -> str:
+    """A 12-hex tag of an export's content (see :func:`part_name`)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([parts, *more], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_export_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse an existing export without ``overwrite``, and any symlink where the export writes."""
     existing = [name for name in OWNED if (folder / name).exists() or (folder / name).is_symlink()]
     if existing and not overwrite:
         raise FileExistsError(f"{folder} already holds an export ({', '.join(existing)}); pass overwrite=True to replace it.")
     for name in ("data", *OWNED):
         if (folder / name).is_symlink():
             raise ValueError(f"Refusing to write {name!r}: it is a symlink that resolves outside {folder}.")
-    with atomic_folder(folder) as building:
-        _keep_other_files(folder, building)
-        card = _write_export(scored, building, metadata, mapping, max_shard_rows, plots)
-        card.repo_id = repo_id or card.repo_id
-        card.license = license or card.license
-        card.pretty_name = pretty_name or card.pretty_name
-        _inside(building, "README.md").write_text(card.render(), encoding="utf-8")
-    return folder
+
+
+def _write_splits(scored: Mapping[str, Any], folder: Path, mapping: dict[str, str], metadata: Mapping[str, Any],
+                  max_shard_rows: int, tag: str) -> tuple[list[CategoryRow], list[list]]:
+    """Write every split's parts of both configs; return the card's category and quantile rows."""
+    rows, quantiles = [], []
+    for original, split in mapping.items():
+        dataset = scored[original]
+        wanted = [c for c in (*REQUIRED_COLUMNS, V.NUM_TOKENS, V.INPUT_IDS, V.LICENSE) if c in dataset.column_names]
+        table = dataset.select_columns(wanted).with_format("arrow")[:]
+        row, quantile = category_row(original, split, table, (metadata.get("categories") or {}).get(original, {}))
+        rows.append(row)
+        quantiles += quantile
+        selected = [i for i, s in enumerate(table.column(V.SELECTED).to_pylist()) if s]
+        for config, subset in (("scored", dataset), ("filtered", dataset.select(selected))):
+            parts = max(1, math.ceil(len(subset) / max_shard_rows))
+            for index in range(parts):
+                piece = subset.shard(num_shards=parts, index=index, contiguous=True) if parts > 1 else subset
+                directory = _inside(folder, f"data/{config}")
+                directory.mkdir(parents=True, exist_ok=True)
+                if len(piece):
+                    piece.to_parquet(str(_inside(directory, part_name(split, index, parts, tag))))
+        logger.info("Exported split %r: %d rows scored, %d kept.", split, len(dataset), len(selected))
+    return rows, quantiles
 
 
 def _keep_other_files(folder: Path, building: Path) -> None:
@@ -228,53 +336,13 @@ def _copy(source: Path, target: Path) -> None:
     shutil.copytree(source, target, symlinks=True) if source.is_dir() else shutil.copy2(source, target)
 
 
-def _write_export(scored: Mapping[str, Any], folder: Path, metadata: Mapping[str, Any], mapping: dict[str, str],
-                  max_shard_rows: int, plots: bool) -> CardData:
-    """Write the parquet configs and plots into ``folder``; return the card's data (not yet rendered)."""
-    rows, quantiles, data_files, empty = [], [], {config: [] for config in CONFIGS}, []
-    for original, split in mapping.items():
-        dataset = scored[original]
-        counts, scores, selected, licenses = _split_summary(dataset)
-        kept = dataset.select(selected)
-        for config, subset in (("scored", dataset), ("filtered", kept)):
-            directory = _inside(folder, f"data/{config}")
-            directory.mkdir(parents=True, exist_ok=True)
-            _write_shards(subset, directory, split, max_shard_rows)
-            if config == "scored" or len(subset):
-                data_files[config].append({"split": split, "path": f"data/{config}/{split}-*.parquet"})
-        if not len(kept):
-            empty.append(split)
-        run = (metadata.get("categories") or {}).get(original, {})
-        threshold = run.get("threshold")
-        if threshold is None and selected:  # the lowest LDS_T kept
-            threshold = min(v for v in kept.with_format("arrow")[V.LDS].to_pylist() if v is not None)
-        rows.append(CategoryRow(original, split, counts["windows"], counts["scored_ok"], counts["kept"],
-                                counts["tokens_in"], counts["tokens_out"], counts["not_ok"], threshold,
-                                run.get("documents"), run.get("documents_too_short"), run.get("windows_left_out"),
-                                licenses))
-        for column, label in ((V.DS, "DS_T"), (V.DU, "DU_T"), (V.LDS, "LDS_T")):
-            quantile = score_quantiles(scores[column])
-            quantiles.append([original, label, len(scores[column]), *(quantile.get(name) for name, _ in QUANTILES)])
-        logger.info("Exported split %r: %d rows scored, %d kept.", split, len(dataset), len(kept))
-    if not data_files["filtered"]:
-        logger.warning("No category kept any row: the `filtered` config lists empty splits only (load it with streaming=True).")
-        data_files["filtered"] = [{"split": s, "path": f"data/filtered/{s}-*.parquet"} for s in mapping.values()]
-    plot_names = _plots(scored, folder, mapping, rows, metadata) if plots else {}
-    plot_names.update(_probe_plot(folder, metadata))
-    columns = list(next(iter(scored.values())).column_names)
-    return CardData.from_metadata(metadata, categories=rows, quantiles=quantiles, columns=columns,
-                                  data_files=data_files, plots=plot_names, empty_filtered_splits=empty)
-
-
-def _plots(scored: Mapping[str, Any], folder: Path, mapping: dict[str, str], rows: list[CategoryRow],
-           metadata: Mapping[str, Any]) -> dict[str, str]:
+def _plots(scored: Mapping[str, Any], folder: Path, rows: list[CategoryRow], metadata: Mapping[str, Any]) -> dict[str, str]:
     from .plots import plot_kept_vs_dropped, plot_score_distributions
 
-    renamed = {split: scored[original] for original, split in mapping.items()}
     thresholds = {row.split: row.threshold for row in rows}
-    plot_score_distributions(renamed, thresholds, _inside(folder, f"plots/{PLOT_FILES['scores']}"),
+    plot_score_distributions(scored, thresholds, _inside(folder, f"plots/{PLOT_FILES['scores']}"),
                              normalization=metadata.get("normalization"))
-    plot_kept_vs_dropped(renamed, _inside(folder, f"plots/{PLOT_FILES['selection']}"))
+    plot_kept_vs_dropped(scored, _inside(folder, f"plots/{PLOT_FILES['selection']}"))
     return {"scores": PLOT_FILES["scores"], "selection": PLOT_FILES["selection"]}
 
 
@@ -358,10 +426,22 @@ def push_to_hub(
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    full_repo_id = getattr(repo_url, "repo_id", None) or repo_id  # namespace resolved by the Hub
-    logger.info("Uploading %s to dataset repo %s (private=%s).", folder, full_repo_id, private)
-    api.upload_folder(folder_path=str(folder), repo_id=full_repo_id, repo_type="dataset", commit_message=commit_message)
+    try:
+        repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        full_repo_id = getattr(repo_url, "repo_id", None) or repo_id  # namespace resolved by the Hub
+        logger.info("Uploading %s to dataset repo %s (private=%s).", folder, full_repo_id, private)
+        # Resumable: with hf_xet (a huggingface_hub dependency) a large folder goes in several commits, and
+        # running the same call again skips what is already there. Files of an earlier export are removed.
+        api.upload_folder(folder_path=str(folder), repo_id=full_repo_id, repo_type="dataset",
+                          commit_message=commit_message, delete_patterns=["data/**", "plots/**"])
+    except Exception as error:  # noqa: BLE001 - network, auth and Hub errors: one clear line, the export is intact
+        from .errors import LongAttnError
+
+        raise LongAttnError(
+            f"could not push {folder} to the Hub dataset {repo_id}: {type(error).__name__}: "
+            f"{' '.join(str(error).split())[:300]}. The export is complete; check the network and your token "
+            "(`hf auth login`, HF_TOKEN), then run the push again: it resumes."
+        ) from error
     url = str(repo_url)
     logger.info("Uploaded to %s", url)
     return url

@@ -5,7 +5,8 @@ Terms. A *source* is one place documents come from; it is described by a :class:
 and ``limit``). Every source is read into the same *document* columns, :data:`DOCUMENT_COLUMNS`:
 
 * ``id`` (`string`): the row's ``id_column`` if it has one; otherwise a name that depends only on
-  where the document is (``<file stem>:<row>``, ``<folder>/<relative path>``, ``<hub id>:<split>:<row>``).
+  where the document is (``<file stem>:<row>``, ``<folder>/<relative path>``,
+  ``<hub id>:<split>:<file stem>:<row>``): stable per file and row, whatever reads it.
 * ``category`` (`string`): the source's ``category`` if given; else the row's ``category`` column;
   else the file's stem (records files), the first folder below the input folder (text files in
   a folder), or the Hub dataset's name.
@@ -26,8 +27,6 @@ Two *embedded* sources need nothing but a Python installation, so the demo runs 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import logging
 import sys
 import sysconfig
@@ -240,146 +239,10 @@ def _pydoc_document(index: int, parts: list[str], names: list[str], version: str
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_record_file(path: Path) -> bool:
-    return path.name.lower().endswith(RECORD_SUFFIXES)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(RECORD_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def _iter_record_file(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a jsonl / json / parquet file, streamed."""
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from batch.to_pylist()
-        return
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        if name.endswith((".json", ".json.gz")):
-            head = handle.read(1)
-            while head and head.isspace():
-                head = handle.read(1)
-            if head == "[":  # a JSON array of records
-                yield from json.loads(head + handle.read())
-                return
-            handle.seek(0)
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-
-
-def _records_to_documents(rows: Iterator[dict[str, Any]], source: SourceConfig, default_category: str,
-                          id_prefix: str, where: str, first_index: int = 0) -> Iterator[dict[str, Any]]:
-    for row_index, row in enumerate(rows, start=first_index):
-        if not isinstance(row, Mapping):
-            raise ValueError(f"{where}: row {row_index} is not a JSON object but {type(row).__name__}")
-        token_ids = None
-        if source.text_column not in row:
-            if row.get(V.INPUT_IDS) is None:
-                raise ValueError(
-                    f"{where}: row {row_index} has no text column {source.text_column!r} (set text_column in the "
-                    f"source) and no pre-tokenised {V.INPUT_IDS!r}. Current columns: {sorted(row)}"
-                )
-            token_ids = _token_ids(row[V.INPUT_IDS], where, row_index)
-        text = row.get(source.text_column)
-        if text is None:
-            text = ""
-        if not isinstance(text, str):
-            raise ValueError(f"{where}: row {row_index}, column {source.text_column!r} holds {type(text).__name__}, not text")
-        raw_id = row.get(source.id_column)
-        category = source.category or row.get(source.category_column) or default_category
-        document = {
-            "id": str(raw_id) if raw_id is not None else f"{id_prefix}:{row_index}",
-            "category": str(category),
-            "text": text,
-            "source": str(row.get("source") or where),
-            "license": row.get("license") if row.get("license") is not None else source.license,
-        }
-        if token_ids is not None:
-            document[V.INPUT_IDS] = token_ids
-        yield document
-
-
-def _token_ids(value: Any, where: str, row: int) -> list[int]:
-    """A pre-tokenised row's ``input_ids``: a list of ints >= 0, else a clear error."""
-    if not isinstance(value, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in value):
-        raise ValueError(f"{where}: row {row}, column {V.INPUT_IDS!r} must be a list of token ids (ints >= 0)")
-    return list(value)
-
-
-def _read_text_file(path: Path, doc_id: str, category: str, source: SourceConfig) -> dict[str, Any] | None:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        logger.warning("Skipped %s: not UTF-8 text", path)
-        return None
-    return {"id": doc_id, "category": category, "text": text, "source": str(path), "license": source.license}
-
-
-def _iter_path(source: SourceConfig) -> Iterator[dict[str, Any]]:
-    root = Path(source.path).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"Source path {source.path} does not exist")
-    if root.is_file():
-        if _is_record_file(root):
-            yield from _records_to_documents(_iter_record_file(root), source, _stem(root), _stem(root), str(root))
-        else:
-            document = _read_text_file(root, root.name, source.category or root.parent.resolve().name, source)
-            if document is not None:
-                yield document
-        return
-    files = sorted(
-        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-    skipped = [p for p in files if not _is_record_file(p) and not p.name.lower().endswith(TEXT_SUFFIXES)]
-    if skipped:
-        logger.warning("%s: skipped %d file(s) of unknown type, e.g. %s (known: %s)", root, len(skipped), skipped[0],
-                       ", ".join(RECORD_SUFFIXES + TEXT_SUFFIXES))
-    root_name = root.resolve().name
-    for path in files:
-        relative = path.relative_to(root)
-        if _is_record_file(path):
-            prefix = f"{root_name}/{relative.parent.as_posix()}/{_stem(path)}".replace("/./", "/")
-            yield from _records_to_documents(_iter_record_file(path), source, _stem(path), prefix, str(path))
-        elif path.name.lower().endswith(TEXT_SUFFIXES):
-            category = source.category or (relative.parts[0] if len(relative.parts) > 1 else root_name)
-            document = _read_text_file(path, f"{root_name}/{relative.as_posix()}", category, source)
-            if document is not None:
-                yield document
-
-
-def _iter_hub(source: SourceConfig) -> Iterator[dict[str, Any]]:
-    from datasets import load_dataset
-
-    streaming = source.limit is not None
-    dataset = load_dataset(
-        source.hub, source.name, split=source.split, revision=source.revision, data_dir=source.data_dir,
-        streaming=streaming,
-    )
-    columns = dataset.column_names or []
-    if columns and source.text_column not in columns:
-        raise ValueError(
-            f"Hub dataset {source.hub!r} has no text column {source.text_column!r} (set text_column). "
-            f"Current columns: {columns}"
-        )
-    default_category = source.hub.rstrip("/").split("/")[-1]
-    prefix = f"{source.hub}:{source.split}"
-    yield from _records_to_documents(iter(dataset), source, default_category, prefix, f"hf://datasets/{source.hub}")
-
-
 def iter_documents(source: SourceConfig) -> Iterator[dict[str, Any]]:
     """The documents of one source as dicts with :data:`DOCUMENT_COLUMNS`, at most ``source.limit`` of them.
+
+    Reads its input shards in order (`hf_longattn.shards`), streamed.
 
     Example:
 
@@ -387,61 +250,23 @@ def iter_documents(source: SourceConfig) -> Iterator[dict[str, Any]]:
     >>> [(d["id"], d["category"]) for d in docs]
     [('pydoc-topics/000', 'docs')]
     """
-    if source.embedded is not None:
-        raw = stdlib_documents() if source.embedded == "python-stdlib" else pydoc_documents()
-        category = source.category or ("code" if source.embedded == "python-stdlib" else "docs")
-        rows: Iterator[dict[str, Any]] = ({**doc, "category": category} for doc in raw)
-    elif source.hub is not None:
-        rows = _iter_hub(source)
-    else:
-        rows = _iter_path(source)
-    for count, row in enumerate(rows):
-        if source.limit is not None and count >= source.limit:
-            break
-        yield row
+    from .shards import plan_input_shards, read_shard
 
-
-class _Standardise:
-    """Picklable ``datasets.map`` function: a Hub dataset's rows → :data:`DOCUMENT_COLUMNS` (disk-backed, no copy in memory)."""
-
-    def __init__(self, source: SourceConfig, default_category: str, prefix: str, where: str) -> None:
-        self.source, self.default_category, self.prefix, self.where = source, default_category, prefix, where
-
-    def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {name: [] for name in DOCUMENT_COLUMNS}
-        for position, index in enumerate(indices):
-            row = {name: batch[name][position] for name in batch}
-            document = next(_records_to_documents(iter([row]), self.source, self.default_category, self.prefix,
-                                                  self.where, first_index=index))
-            for name in DOCUMENT_COLUMNS:
-                out[name].append(document[name])
-        return out
-
-
-def _hub_dataset(source: SourceConfig) -> Any:
-    """A whole Hub split standardised with ``map`` (Arrow on disk, so it scales past memory)."""
-    from datasets import Features, Value, load_dataset
-
-    dataset = load_dataset(source.hub, source.name, split=source.split, revision=source.revision, data_dir=source.data_dir)
-    if source.text_column not in dataset.column_names:
-        raise ValueError(
-            f"Hub dataset {source.hub!r} has no text column {source.text_column!r} (set text_column). "
-            f"Current columns: {dataset.column_names}"
-        )
-    function = _Standardise(source, source.hub.rstrip("/").split("/")[-1], f"{source.hub}:{source.split}",
-                            f"hf://datasets/{source.hub}")
-    return dataset.map(
-        function, batched=True, with_indices=True, remove_columns=dataset.column_names,
-        features=Features({name: Value("string") for name in DOCUMENT_COLUMNS}), desc=f"Reading {source.hub}",
-    )
+    count = 0
+    for shard in plan_input_shards([source]):
+        for document in read_shard([source], shard):
+            if source.limit is not None and count >= source.limit:
+                return
+            count += 1
+            yield document
 
 
 def read_sources(sources: list[SourceConfig] | SourceConfig) -> Any:
     """Read every source into one `datasets.Dataset` with :data:`DOCUMENT_COLUMNS`, sources in order.
 
-    Local files and the embedded corpus are read into memory; a whole Hub split (no ``limit``)
-    stays in Arrow files on disk. Raises a `ValueError` naming an example when two documents
-    share an id, and when no document was read at all.
+    Every document is read into memory: for samples (the probe) and small corpora. The job itself
+    never does this: it reads one input shard at a time (`hf_longattn.shards`). Raises a
+    `ValueError` naming an example when two documents share an id, and when no document was read.
 
     Args:
         sources (`list[SourceConfig]` or `SourceConfig`): where to read from.
@@ -465,16 +290,13 @@ def read_sources(sources: list[SourceConfig] | SourceConfig) -> Any:
     features = Features({name: Value("string") for name in DOCUMENT_COLUMNS})
     parts = []
     for source in sources:
-        if source.hub is not None and source.limit is None:
-            part = _hub_dataset(source)
-        else:
-            rows = list(iter_documents(source))
-            columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in DOCUMENT_COLUMNS}
-            part_features = features
-            if any(V.INPUT_IDS in row for row in rows):  # pre-tokenised documents (text rows get null)
-                columns[V.INPUT_IDS] = [row.get(V.INPUT_IDS) for row in rows]
-                part_features = Features({**features, V.INPUT_IDS: List(Value("int64"))})
-            part = Dataset.from_dict(columns, features=part_features)
+        rows = list(iter_documents(source))
+        columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in DOCUMENT_COLUMNS}
+        part_features = features
+        if any(V.INPUT_IDS in row for row in rows):  # pre-tokenised documents (text rows get null)
+            columns[V.INPUT_IDS] = [row.get(V.INPUT_IDS) for row in rows]
+            part_features = Features({**features, V.INPUT_IDS: List(Value("int64"))})
+        part = Dataset.from_dict(columns, features=part_features)
         logger.info("Read %d document(s) from %s", len(part), source.describe())
         if len(part) == 0:
             logger.warning("Source %s holds no document", source.describe())

@@ -36,7 +36,7 @@ WINDOW_END = "window_end"
 INPUT_IDS = "input_ids"
 DOC_NUM_TOKENS = "doc_num_tokens"
 WINDOW_HASH = "window_hash"
-WINDOW_COLUMNS = (ID, DOC_ID, WINDOW_INDEX, WINDOW_START, WINDOW_END, INPUT_IDS, TEXT)
+WINDOW_COLUMNS = (ID, DOC_ID, WINDOW_INDEX, WINDOW_START, WINDOW_END, INPUT_IDS, WINDOW_HASH, TEXT)
 """Columns `SlidingWindows` writes (``text`` only when it decodes), in this order."""
 
 # -- scores --------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ COLUMN_DESCRIPTIONS = {
 """One line per column that can appear in an export, for the dataset card."""
 
 
-COLUMN_TYPES = {ID: "string", DOC_ID: "string", WINDOW_INDEX: "int64", WINDOW_START: "int64", WINDOW_END: "int64",
+COLUMN_TYPES = {ID: "string", DOC_ID: "string", WINDOW_HASH: "string", DOC_NUM_TOKENS: "int64", WINDOW_INDEX: "int64", WINDOW_START: "int64", WINDOW_END: "int64",
                 TEXT: "string", CATEGORY: "string", DS: "float64", DU: "float64", NUM_TOKENS: "int64",
                 MIN_DISTANCE: "int64", STATUS: "string", STATUS_DETAIL: "string", LDS: "float64", SELECTED: "bool"}
 """Arrow type of every scalar column (``input_ids`` is a list of int32)."""
@@ -185,12 +185,13 @@ def window_features(carried: dict[str, Any] | None = None, *, text: bool = False
     Example:
 
     >>> list(window_features())
-    ['id', 'doc_id', 'window_index', 'window_start', 'window_end', 'input_ids']
+    ['id', 'doc_id', 'window_index', 'window_start', 'window_end', 'input_ids', 'window_hash']
     """
     from datasets import Features, List, Value
 
     features: dict[str, Any] = {name: Value(COLUMN_TYPES[name]) for name in WINDOW_COLUMNS[:5]}
     features[INPUT_IDS] = List(Value("int32"))
+    features[WINDOW_HASH] = Value(COLUMN_TYPES[WINDOW_HASH])
     if text:
         features[TEXT] = Value("string")
     features.update(carried or {})

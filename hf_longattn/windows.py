@@ -41,6 +41,18 @@ DOC_ID_HASH_CHARS = 16
 _MAX_TOKEN_ID = 2**31 - 1  # windows store token ids as int32
 
 
+def window_hash(token_ids: Sequence[int] | np.ndarray) -> str:
+    """A window's content identity: hex BLAKE2b-128 of its token ids as int32 little-endian bytes.
+
+    Example:
+
+    >>> window_hash([1, 2, 3])
+    'b30a3c159d7e8193559a42a84f1fcae1'
+    """
+    data = np.ascontiguousarray(np.asarray(token_ids, dtype="<i4")).tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def window_spans(num_tokens: int, window_size: int, faithful: bool = False) -> list[tuple[int, int]]:
     """Token spans ``[start, end)`` of the windows of one document (paper Algorithm 1), in document order.
 
@@ -198,6 +210,7 @@ class SlidingWindows:
     * ``window_index`` (`int64`): 0-based position of the window in its document.
     * ``window_start``, ``window_end`` (`int64`): token offsets ``[start, end)`` in the document.
     * ``input_ids`` (`list<int32>`): exactly the document's ``tokens[start:end]``, ``W`` of them.
+    * ``window_hash`` (`string`): :func:`window_hash` of ``input_ids``, the window's content identity.
     * ``text`` (`string`, only if ``decode=True``): ``tokenizer.decode(input_ids)`` without
       cleanup; ``input_ids`` is the source of truth (a window may cut a character in two).
     * every other input column (e.g. ``category``, ``source``), copied onto each of the
@@ -380,6 +393,7 @@ class SlidingWindows:
                 out["window_start"].append(start)
                 out["window_end"].append(end)
                 out["input_ids"].append(tokens[start:end].astype(np.int32))
+                out[V.WINDOW_HASH].append(window_hash(out["input_ids"][-1]))
                 for column in carried:
                     out[column].append(batch[column][doc])
         if self.decode:

@@ -3,15 +3,16 @@
 Single process (CPU or one GPU); the offline demo is the default config:
 
     python recipes/longabc.py --config recipes/configs/demo.yaml
-    # measured 5 min 17 s on 2 shared CPU cores (CPython 3.11: 79 windows of 8192 tokens, ~3.8 s each,
-    # model load included); prints a per-category summary table and writes longattn-demo/hub
-    # (datasets.load_dataset("longattn-demo/hub", "filtered"))
+    # prints a per-category summary table and writes longattn-demo/hub
+    # (datasets.load_dataset("longattn-demo/hub", "filtered")); the time is in the README's demo section
 
-Several processes on one machine (one per GPU; `--cpu` for CPU processes, gloo):
+Several processes on one machine (one per GPU; gloo on CPU):
 
     accelerate launch --num_processes 8 recipes/longabc.py --config recipes/configs/longabc32k.yaml
-    accelerate launch --cpu --num_processes 2 recipes/longabc.py --config recipes/configs/demo.yaml
+    accelerate launch --multi_gpu --num_processes 2 recipes/longabc.py --config recipes/configs/demo.yaml  # 2 CPU processes
     torchrun --standalone --nproc_per_node 8 recipes/longabc.py --config recipes/configs/longabc32k.yaml
+
+(`accelerate launch --cpu` always starts one process, whatever --num_processes says; the run says so.)
 
 Several machines, on storage every machine sees at the same path (output_dir), run on each
 machine (machine_rank 0 … N−1; num_processes counts all processes of all machines):
@@ -28,14 +29,16 @@ Slurm (one task per node, each starting 8 GPU processes):
         --main_process_ip $MAIN --main_process_port 29500 --num_processes $((8 * SLURM_NNODES)) \
         recipes/longabc.py --config recipes/configs/longabc32k.yaml'
 
-What to expect. The main process reads and tokenises the documents and saves the windows
-(output_dir/windows) while the others wait; then every process scores its contiguous block of
-chunks (chunk_size windows each) and writes output_dir/scores/chunk-NNNNNN.parquet plus a
-``.done`` marker (row count, sha256, config fingerprint). Kill any process at any moment and
-relaunch the same command: chunks with a valid marker are skipped, the others redone, and the
-final data has every window exactly once (the number of processes may change between launches).
+What to expect. Every process claims input files (one shard each) and windows them into
+output_dir/windows (token ids only); then every process claims the next free chunk (chunk_size
+windows of one shard) and writes output_dir/scores/chunk-NNNNNN.parquet plus a ``.done`` marker
+(row count, sha256, config fingerprint, digest of the windows it holds). Kill any process at any
+moment and relaunch the same command, on any number of processes: finished work is skipped and
+the rest is spread over every process; the final data has every window exactly once. Edited,
+added or removed source files are noticed: only their windows are rebuilt and rescored.
 Relaunching into the same output_dir with a different model, W, k, layer, dtype or chunk_size is
-refused; selection settings (keep_fraction, alpha, ...) may change freely. The main process then
+refused; selection settings (keep_fraction, alpha, ...) may change freely. While a launch runs,
+it holds output_dir/.lock: a second launch into the same folder is refused. The main process then
 merges, selects (output_dir/selection.parquet), exports (output_dir/hub) and, with
 ``--push-to-hub REPO_ID``, uploads; with HF_HUB_OFFLINE=1 and a push target it stops before any work.
 The options are those of ``hf-longattn run`` (``python recipes/longabc.py --help``), e.g.

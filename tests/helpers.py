@@ -60,3 +60,26 @@ def tiny_config(model: Path, corpus: Path, output_dir: Path, **changes) -> RunCo
     )
     values.update(changes)
     return RunConfig.from_dict(values)
+
+
+def run_windows(config: RunConfig):
+    """The kept windows of a finished windows step, in order, as a `datasets.Dataset`."""
+    from hf_longattn.run.context import Run
+    from hf_longattn.run.windows_step import load_windows
+
+    return load_windows(Run(config, progress=False))
+
+
+def chunk_plan(output_dir: Path) -> list[dict]:
+    """The chunks of ``scores/plan.json``: shard, row range, rows and digest of each."""
+    import json
+
+    return json.loads((Path(output_dir) / "scores" / "plan.json").read_text())["chunks"]
+
+
+def chunk_ids(output_dir: Path, chunk: dict) -> list[str]:
+    """The window ids a chunk of the plan holds (its shard's rows ``[start, stop)``; no cap in these tests)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(output_dir) / "windows" / f"{chunk['shard']}.parquet", columns=["id"])
+    return table.column("id").to_pylist()[chunk["start"]:chunk["stop"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import datasets
@@ -157,18 +158,20 @@ def test_missing_columns_are_listed(tmp_path):
 def test_layout_and_no_path_escape(exported):
     base = exported.parent.parent.parent
     files = sorted(p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file())
+    tag = files[1].rsplit("-", 1)[1].removesuffix(".parquet")
+    assert re.fullmatch(r"[0-9a-f]{12}", tag)
     assert files == [
         "README.md",
-        "data/filtered/arxiv-00000-of-00001.parquet",
-        "data/filtered/evil-00000-of-00001.parquet",
-        "data/filtered/github_code-00000-of-00001.parquet",
-        "data/scored/arxiv-00000-of-00003.parquet",
-        "data/scored/arxiv-00001-of-00003.parquet",
-        "data/scored/arxiv-00002-of-00003.parquet",
-        "data/scored/evil-00000-of-00002.parquet",
-        "data/scored/evil-00001-of-00002.parquet",
-        "data/scored/github_code-00000-of-00002.parquet",
-        "data/scored/github_code-00001-of-00002.parquet",
+        f"data/filtered/arxiv-00000-of-00001-{tag}.parquet",
+        f"data/filtered/evil-00000-of-00001-{tag}.parquet",
+        f"data/filtered/github_code-00000-of-00001-{tag}.parquet",
+        f"data/scored/arxiv-00000-of-00003-{tag}.parquet",
+        f"data/scored/arxiv-00001-of-00003-{tag}.parquet",
+        f"data/scored/arxiv-00002-of-00003-{tag}.parquet",
+        f"data/scored/evil-00000-of-00002-{tag}.parquet",
+        f"data/scored/evil-00001-of-00002-{tag}.parquet",
+        f"data/scored/github_code-00000-of-00002-{tag}.parquet",
+        f"data/scored/github_code-00001-of-00002-{tag}.parquet",
         "plots/kept_vs_dropped.png",
         "plots/probe.png",
         "plots/score_distributions.png",
@@ -182,9 +185,10 @@ def test_existing_export_needs_overwrite(tmp_path):
     export_dataset(scored, tmp_path / "out", {}, plots=False)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_dataset(scored, tmp_path / "out", {}, plots=False)
-    (tmp_path / "out" / "data" / "scored" / "x-00004-of-00005.parquet").write_bytes(b"stale")
+    (tmp_path / "out" / "data" / "scored" / "x-00004-of-00005-0123456789ab.parquet").write_bytes(b"stale")
     export_dataset(scored, tmp_path / "out", {}, plots=False, overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "out" / "data" / "scored").iterdir()) == ["x-00000-of-00001.parquet"]
+    names = sorted(p.name for p in (tmp_path / "out" / "data" / "scored").iterdir())
+    assert len(names) == 1 and re.fullmatch(r"x-00000-of-00001-[0-9a-f]{12}\.parquet", names[0])
 
 
 # ---------------------------------------------------------------------------- loading
@@ -220,7 +224,7 @@ def test_default_config_is_filtered(exported, tmp_path):
 
 
 def test_empty_filtered_split_is_valid_parquet(exported):
-    table = pq.read_table(exported / "data/filtered/evil-00000-of-00001.parquet")
+    table = pq.read_table(next((exported / "data/filtered").glob("evil-00000-of-00001-*.parquet")))
     assert table.num_rows == 0
     assert table.schema.names == list(FEATURES)
 
@@ -243,9 +247,10 @@ def test_card_metadata(exported):
     assert data["size_categories"] == ["n<1K"]
     assert "long-context" in data["tags"]
     filtered = next(c for c in data["configs"] if c["config_name"] == "filtered")
+    tag = next((exported / "data/filtered").glob("arxiv-*.parquet")).stem.rsplit("-", 1)[1]
     assert {f["split"]: f["path"] for f in filtered["data_files"]} == {
-        "arxiv": "data/filtered/arxiv-*.parquet",
-        "github_code": "data/filtered/github_code-*.parquet",
+        "arxiv": f"data/filtered/arxiv-*-{tag}.parquet",
+        "github_code": f"data/filtered/github_code-*-{tag}.parquet",
     }
 
 

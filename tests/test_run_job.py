@@ -19,7 +19,7 @@ from hf_longattn.run.job import LongAttnPipeline
 from hf_longattn.sources import SourceConfig
 
 from .corpus import CATEGORIES, write_corpus
-from .helpers import W, load_export, tiny_config
+from .helpers import W, chunk_plan, load_export, run_windows, tiny_config
 
 
 def test_end_to_end_counts_and_export(finished_run, tiny_model):
@@ -28,7 +28,7 @@ def test_end_to_end_counts_and_export(finished_run, tiny_model):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    windows = datasets.load_from_disk(str(out / "windows"))
+    windows = run_windows(config)
     stats = json.loads((out / "windows" / "windows_stats.json").read_text())
     scored = load_export(out / "hub", "scored")
     filtered = load_export(out / "hub", "filtered")
@@ -37,7 +37,9 @@ def test_end_to_end_counts_and_export(finished_run, tiny_model):
     # Every window scored exactly once, in windows order, with its texts and ids.
     scored_ids = sum((list(scored[c]["id"]) for c in CATEGORIES), [])
     assert sorted(scored_ids) == sorted(list(windows["id"])) and len(set(scored_ids)) == len(windows)
-    assert len(list((out / "scores").glob("chunk-*.done"))) == math.ceil(len(windows) / config.chunk_size)
+    per_category = [sum(1 for c in windows["category"] if c == category) for category in CATEGORIES]
+    assert len(list((out / "scores").glob("chunk-*.done"))) == sum(math.ceil(n / config.chunk_size) for n in per_category)
+    assert len(chunk_plan(out)) == len(list((out / "scores").glob("chunk-*.done")))  # one file per category: one shard
 
     for category in CATEGORIES:
         docs = [json.loads(line) for line in open(Path(config.sources[CATEGORIES.index(category)].path))]
@@ -148,6 +150,13 @@ def test_select_before_scoring_says_what_to_run(tiny_model, corpus, tmp_path):
     with pytest.raises(LongAttnError, match="run the `windows` step first"):
         pipeline.select()
     pipeline.windows()
+    with pytest.raises(LongAttnError, match=r"No scores in .*run the `score` step first"):
+        pipeline.select()
+    (tmp_path / "out" / "scores").mkdir()
+    from hf_longattn.run.context import Run
+    from hf_longattn.run.score_step import plan_chunks
+
+    plan_chunks(Run(config, progress=False))  # planned, nothing scored
     with pytest.raises(LongAttnError, match=r"score chunk\(s\) are missing or invalid.*run the `score` step"):
         pipeline.select()
 

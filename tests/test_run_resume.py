@@ -23,7 +23,7 @@ from hf_longattn.run.job import LongAttnPipeline
 from hf_longattn.run.layout import chunk_name
 
 from .corpus import CATEGORIES, write_corpus
-from .helpers import tiny_model_with_tokenizer
+from .helpers import chunk_ids, chunk_plan, run_windows, tiny_model_with_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 300  # seconds for one torchrun launch; generous for a loaded 2-core machine
@@ -121,8 +121,9 @@ def test_killed_two_process_run_resumes_to_the_single_process_result(setup):
             time.sleep(0.02)
     finally:
         kill_tree(process)
-    windows = datasets.load_from_disk(str(out / "windows"))
-    total = -(-len(windows) // config.chunk_size)
+    windows = run_windows(config)
+    plan = chunk_plan(out)
+    total = len(plan)
     done = sorted(int(p.stem.split("-")[1]) for p in scores.glob("chunk-*.done"))
     assert 1 <= len(done) < total - 3, f"the kill did not land mid-way: {len(done)} of {total} chunks done"
     assert not (out / "selection.parquet").exists()
@@ -130,7 +131,7 @@ def test_killed_two_process_run_resumes_to_the_single_process_result(setup):
     # 2. Damage left behind: a done chunk whose parquet no longer matches its marker (wrong scores, valid
     #    file), an unfinished chunk with a plausible parquet but no marker, and one truncated parquet.
     def bad_copy(index: int) -> pa.Table:
-        ids = windows.select(range(index * 2, min(len(windows), index * 2 + 2)))["id"]
+        ids = chunk_ids(out, plan[index])
         table = pq.read_table(scores / f"{chunk_name(done[0])}.parquet").slice(0, len(ids))
         table = table.set_column(0, "id", pa.array(list(ids)))
         return table.set_column(table.schema.get_field_index("longattn_ds"), "longattn_ds", pa.array([123.0] * len(ids)))
@@ -149,9 +150,8 @@ def test_killed_two_process_run_resumes_to_the_single_process_result(setup):
     log = (base / "second.log").read_text()
     assert "redoing" in log and "sha256 does not match" in log
     fingerprint = json.loads((out / "fingerprint.json").read_text())["fingerprint"]
-    for index in range(total):
-        start, end = index * 2, min(len(windows), index * 2 + 2)
-        assert check_chunk(scores, index, end - start, fingerprint) is None
+    for index, chunk in enumerate(plan):
+        assert check_chunk(scores, index, chunk["rows"], fingerprint, chunk["digest"]) is None
     assert not list(scores.glob(".*tmp-*"))
     assert len(list(scores.glob("chunk-*.parquet"))) == total
 
@@ -190,3 +190,30 @@ def test_deleted_and_damaged_chunks_are_redone_in_process(setup):
     assert changed == {f"chunk-00000{i}.{suffix}" for i in (1, 2, 3) for suffix in ("parquet", "done")}
     assert pq.read_table(base / "in-process" / "selection.parquet").equals(reference)
     assert again["categories"] == first["categories"]
+
+
+@pytest.mark.slow
+def test_accelerate_on_cpu_gives_two_ranks_and_explains_cpu_flag(setup):
+    """`accelerate launch --multi_gpu --num_processes 2` runs two gloo ranks on a CPU machine (the recipe's command);
+    `accelerate launch --cpu` starts one process whatever --num_processes says, and the run says so."""
+    base, model, corpus = setup
+    config = config_for(model, corpus, base / "accelerate")
+    path = base / "accelerate.yaml"
+    path.write_text(config.to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    two = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "longabc.py"),
+                          "--config", str(path), "--no-progress"], cwd=base, env=env, capture_output=True, text=True,
+                         timeout=LAUNCH_TIMEOUT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "[score] rank 0/2" in two.stdout and "[score] rank 1/2" in two.stdout
+    one = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "recipes" / "longabc.py"),
+                          "--config", str(path), "--output-dir", str(base / "accelerate-cpu"), "--no-progress"],
+                         cwd=base, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "[score] rank 0/1" in one.stdout
+    assert "`accelerate launch --cpu` always starts one process" in one.stdout + one.stderr
+    assert pq.read_table(base / "accelerate" / "selection.parquet").equals(
+        pq.read_table(base / "accelerate-cpu" / "selection.parquet"))

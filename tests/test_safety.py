@@ -283,7 +283,7 @@ def assert_inside(folder: Path) -> None:
         assert not path.is_symlink() and path.resolve().is_relative_to(folder.resolve()), path
     for split_dir in ("scored", "filtered"):
         for file in (folder / "data" / split_dir).iterdir():
-            assert re.fullmatch(r"[A-Za-z0-9_]+-\d{5}-of-\d{5}\.parquet", file.name), file.name
+            assert re.fullmatch(r"[A-Za-z0-9_]+-\d{5}-of-\d{5}-[0-9a-f]{12}\.parquet", file.name), file.name
 
 
 def test_ids_and_categories_cannot_write_outside_the_export(tiny_model_dir, tmp_path):

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import hf_longattn.windows as windows_module
-from hf_longattn.windows import SlidingWindows, count_windows, num_windows, window_spans
+from hf_longattn.windows import SlidingWindows, count_windows, num_windows, window_hash, window_spans
 
 datasets.disable_progress_bars()
 
@@ -198,7 +198,8 @@ def test_windows_are_token_exact(tokenizer, docs):
 def test_columns_and_carried_values(tokenizer, docs):
     out = run_windows(docs, SlidingWindows(tokenizer, W))
     assert out.column_names == [
-        "id", "doc_id", "window_index", "window_start", "window_end", "input_ids", "text", "category", "source",
+        "id", "doc_id", "window_index", "window_start", "window_end", "input_ids", "window_hash", "text", "category",
+        "source",
     ]
     by_doc = {row["id"]: row for row in docs}
     for row in out:
@@ -245,7 +246,9 @@ def test_existing_input_ids_column_without_tokenizer():
     )
     windowing = SlidingWindows(None, W, decode=False)
     out = run_windows(ds, windowing)
-    assert out.column_names == ["id", "doc_id", "window_index", "window_start", "window_end", "input_ids", "lang"]
+    assert out.column_names == ["id", "doc_id", "window_index", "window_start", "window_end", "input_ids",
+                                "window_hash", "lang"]
+    assert out["window_hash"] == [window_hash(ids) for ids in out["input_ids"]]
     for row in out:
         doc = token_lists[["x", "y", "z"].index(row["doc_id"])]
         assert row["input_ids"] == doc[row["window_start"] : row["window_end"]]

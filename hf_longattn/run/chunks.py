@@ -111,11 +111,12 @@ def write_chunk(scores_dir: Path, index: int, table: Any, record: Mapping[str, A
     })
 
 
-def check_chunk(scores_dir: Path, index: int, expected_rows: int, fingerprint: str) -> str | None:
+def check_chunk(scores_dir: Path, index: int, expected_rows: int, fingerprint: str, digest: str | None = None) -> str | None:
     """`None` if chunk ``index`` is complete and trustworthy, else the reason it must be (re)done.
 
-    Valid means: the marker parses, names this fingerprint and ``expected_rows`` rows, and the
-    parquet file exists with the sha256 the marker recorded.
+    Valid means: the marker parses, names this fingerprint, ``expected_rows`` rows and (when
+    given) the ``digest`` of the windows the chunk must hold, and the parquet file exists with the
+    sha256 the marker recorded.
     """
     marker = scores_dir / f"{chunk_name(index)}.done"
     parquet = scores_dir / f"{chunk_name(index)}.parquet"
@@ -131,6 +132,8 @@ def check_chunk(scores_dir: Path, index: int, expected_rows: int, fingerprint: s
         return "marker from another configuration"
     if record.get("rows") != expected_rows:
         return f"marker says {record.get('rows')} rows, expected {expected_rows}"
+    if digest is not None and record.get("digest") != digest:
+        return "the chunk holds other windows than the plan says (the windows changed)"
     if not parquet.is_file():
         return "parquet file missing"
     if sha256_file(parquet) != record.get("sha256"):

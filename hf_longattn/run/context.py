@@ -6,8 +6,9 @@ The scorer (with its weights) loads lazily, the first time a window is scored; t
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..config import RunConfig
@@ -37,6 +38,10 @@ class Run:
         self.timings: dict[str, float] = {}
         self._scorer = None
         self._fingerprint: dict[str, Any] | None = None
+        self._launch: str | None = None
+        self._lock = None
+        self._lock_depth = 0
+        self._model_checked = False
 
     @property
     def executor(self) -> Executor:
@@ -52,6 +57,47 @@ class Run:
         """Print on the main process only."""
         if self.is_main:
             print(message, flush=True)
+
+    @property
+    def launch(self) -> str:
+        """This launch's id, the same on every process of it (claims of another launch are stale)."""
+        if self._launch is None:
+            from .lock import new_launch_id
+
+            self._launch = self.executor.broadcast(new_launch_id())
+        return self._launch
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[Run]:
+        """Hold the run lock (main process) while the block runs; re-entrant, so steps may nest."""
+        from .lock import RunLock
+
+        if self._lock_depth == 0:
+            self.folder.check_inside()
+            self.check_model()  # before the folder is touched: a mistyped model leaves nothing behind
+            launch = self.launch  # a collective: every process gets here in the same order
+
+            def acquire() -> None:
+                self._lock = RunLock(self.folder.root, launch).acquire()
+
+            self.executor.run_on_main(acquire)  # refused: every process stops with the main one's message
+        self._lock_depth += 1
+        try:
+            yield self
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def check_model(self) -> None:
+        """Before any work: the model exists (a clear error for a mistyped name) and takes windows of W tokens."""
+        if self._model_checked:
+            return
+        from ..model_loading import check_model, check_window_fits
+
+        check_window_fits(self.config, check_model(self.config.model, self.config.revision))
+        self._model_checked = True
 
     @property
     def scorer(self) -> Any:

@@ -10,14 +10,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import __version__
 from .. import vocabulary as V
 from ..errors import LongAttnError
 from .context import Run
 from .select_step import select, selection_is_current, summary
+from .storage import sha256_file
 from .windows_step import check_push, prepare
+
+EXPORT_RECORD = "hf_longattn_export.json"
+"""In ``hub/``: the tag of the export and what it was made from (the selection and the windows)."""
 
 logger = logging.getLogger(__name__)
 
@@ -32,35 +34,98 @@ def export(run: Run) -> Path:
     return run.timed("export", lambda: _export(run))
 
 
-def _export(run: Run) -> Path:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+def export_tag(run: Run) -> str:
+    """The tag of the export the current selection gives (:func:`hf_longattn.publication.content_tag`)."""
+    from ..publication import content_tag
 
-    from ..publication import export_dataset
-
-    windows = load_from_disk(str(run.folder.windows))
-    selection = pq.read_table(run.folder.selection)
-    if not selection.column(V.ID).equals(windows.select_columns([V.ID]).with_format("arrow")[:].column(V.ID)):
-        raise LongAttnError(f"{run.folder.selection} does not match the windows: run the `select` step again")
-    scored = concatenate_datasets([windows, Dataset(selection.drop_columns([V.ID, V.CATEGORY]))], axis=1)
-    categories = selection.column(V.CATEGORY)
-    splits = DatasetDict({
-        category: scored.select(np.flatnonzero(pc.equal(categories, category).to_numpy(zero_copy_only=False)))
-        for category in sorted(set(categories.to_pylist()))
-    })
     config = run.config
-    folder = export_dataset(splits, run.folder.hub, card_metadata(run, summary(run, selection)),
-                            repo_id=config.push_to_hub, license=config.license, pretty_name=config.pretty_name,
-                            plots=_can_plot(), overwrite=True)
+    settings = {key: getattr(config, key) for key in ("pretty_name", "license", "push_to_hub")}
+    return content_tag([sha256_file(run.folder.selection), run.windows_stats()["digest"]], settings, __version__)
+
+
+def _export(run: Run) -> Path:
+    """Decode and write every windows shard's rows (scored and filtered) by split, then plots and card; atomically."""
+    import pyarrow.parquet as pq
+
+    from ..publication import ExportWriter, category_row, check_export_folder, finish_export, split_names
+    from .storage import atomic_folder, atomic_write_json
+
+    selection = pq.read_table(run.folder.selection)
+    run_summary = summary(run, selection)
+    mapping = split_names(sorted(run_summary["categories"]))
+    tag, folder = export_tag(run), run.folder.hub
+    check_export_folder(folder, overwrite=True)
+    with atomic_folder(folder) as building:
+        writer = ExportWriter(building, tag, len(run.windows_stats()["shards"]))
+        licenses, schema = _write_shard_parts(run, selection, mapping, writer)
+        data_files, empty = writer.finish(list(mapping.values()), schema)
+        rows, quantiles, splits = [], [], {}
+        for category, split in mapping.items():
+            table = selection.filter(pc_equal(selection, category))
+            row, quantile = category_row(category, split, table, run_summary["categories"][category])
+            row.licenses = sorted(licenses.get(category, set()))
+            rows.append(row)
+            quantiles += quantile
+            splits[split] = _as_dataset(table)
+        finish_export(building, card_metadata(run, run_summary), splits, rows, quantiles, schema.names, data_files,
+                      empty, plots=_can_plot(), repo_id=run.config.push_to_hub, license=run.config.license,
+                      pretty_name=run.config.pretty_name, tag=tag)
+        atomic_write_json(building / EXPORT_RECORD, {"tag": tag, "selection": sha256_file(run.folder.selection),
+                                                     "windows": run.windows_stats()["digest"]})
     run.print(f"[export] Hub-ready dataset folder: {folder} (load_dataset({str(folder)!r}, 'filtered'))")
     return folder
 
 
+def pc_equal(table: Any, category: str) -> Any:
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column(V.CATEGORY), category)
+
+
+def _as_dataset(table: Any) -> Any:
+    from datasets import Dataset
+
+    return Dataset(table)
+
+
+def _write_shard_parts(run: Run, selection: Any, mapping: dict[str, str], writer: Any) -> tuple[dict[str, set], Any]:
+    """For each windows shard: its kept windows with decoded text and their selection columns, written by split."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .windows_step import kept_mask
+
+    stats, tokenizer = run.windows_stats(), run.scorer.tokenizer
+    offset, licenses, schema = 0, {}, None
+    scores = selection.drop_columns([V.ID, V.CATEGORY])
+    for part, shard in enumerate(stats["shards"]):
+        windows = pq.read_table(run.folder.windows / f"{shard['name']}.parquet")
+        if stats["cap"]:
+            windows = windows.filter(pa.array(kept_mask(windows.column(V.ID).to_pylist(),
+                                                        windows.column(V.CATEGORY).to_pylist(), stats["cap"])))
+        rows = scores.slice(offset, windows.num_rows)
+        if not windows.column(V.ID).equals(selection.column(V.ID).slice(offset, windows.num_rows)):
+            raise LongAttnError(f"{run.folder.selection} does not match the windows: run the `select` step again")
+        offset += windows.num_rows
+        text = tokenizer.batch_decode(windows.column(V.INPUT_IDS).to_pylist(), skip_special_tokens=False,
+                                      clean_up_tokenization_spaces=False)
+        table = windows.add_column(windows.schema.get_field_index(V.WINDOW_HASH) + 1, V.TEXT, pa.array(text, pa.string()))
+        for name in rows.column_names:
+            table = table.append_column(name, rows.column(name))
+        schema = table.schema
+        for category, split in mapping.items():
+            mine = table.filter(pc.equal(table.column(V.CATEGORY), category))
+            licenses.setdefault(category, set()).update(v for v in mine.column(V.LICENSE).to_pylist() if v)
+            writer.write("scored", split, part, mine)
+            writer.write("filtered", split, part, mine.filter(pc.fill_null(mine.column(V.SELECTED), False)))
+    return licenses, schema
+
+
 def _can_plot() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
         logger.warning("matplotlib is not installed: exporting without plots (pip install hf-longattn[plots])")
         return False
     return True
@@ -116,21 +181,41 @@ def _probe_section(run: Run) -> dict[str, Any] | None:
 
 
 def push(run: Run) -> str | None:
-    """Upload ``output_dir/hub`` to ``push_to_hub`` (main process only); `None` when no repo is set."""
+    """Upload ``output_dir/hub`` to ``push_to_hub`` (main process only); `None` when no repo is set.
+
+    An export that does not match the current selection (re-selected since, or never exported) is
+    exported again first: what is pushed is always what ``summary.json`` describes.
+    """
     if not run.config.push_to_hub:
         return None
     check_push(run)
     if not run.is_main:
         return None
-    if not (run.folder.hub / "README.md").is_file():
-        raise LongAttnError(f"Nothing to push: {run.folder.hub} has no export; run the `export` step first")
     from .. import publication
 
+    if not (run.folder.hub / "README.md").is_file() and not run.folder.selection.is_file():
+        raise LongAttnError(f"Nothing to push: {run.folder.hub} has no export; run the `export` step first")
+    if not export_is_current(run):
+        run.print(f"[push] {run.folder.hub} does not hold the export of the current selection: exporting again first")
+        export(run)
     config = run.config
     url = run.timed("push", lambda: publication.push_to_hub(
         run.folder.hub, config.push_to_hub, private=config.private, commit_message=config.commit_message))
     run.print(f"[push] uploaded to {url}")
     return url
+
+
+def export_is_current(run: Run) -> bool:
+    """Whether ``hub/`` holds the export of the current selection and settings (its recorded tag matches)."""
+    from .storage import read_json
+
+    record_path = run.folder.hub / EXPORT_RECORD
+    if not record_path.is_file() or not (run.folder.hub / "README.md").is_file():
+        return False
+    if not selection_is_current(run):
+        select(run)
+    record = read_json(record_path, what="the export's record", remedy="run the `export` step again")
+    return record.get("tag") == export_tag(run)
 
 
 def probe(run: Run) -> Any:

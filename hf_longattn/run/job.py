@@ -56,31 +56,37 @@ class LongAttnPipeline:
         windows_step.check_push(self.run_state)
 
     def windows(self) -> Any:
-        return windows_step.windows(self.run_state)
+        with self.run_state.locked():
+            return windows_step.windows(self.run_state)
 
     def windows_stats(self) -> dict[str, Any]:
         return self.run_state.windows_stats()
 
     def score(self) -> None:
-        score_step.score(self.run_state)
+        with self.run_state.locked():
+            score_step.score(self.run_state)
 
     def merged_scores(self, windows: Any = None) -> Any:
         return score_step.merged_scores(self.run_state, windows)
 
     def select(self) -> dict[str, Any]:
-        return select_step.select(self.run_state)
+        with self.run_state.locked():
+            return select_step.select(self.run_state)
 
     def summary(self, selection: Any = None, selector: Any = None) -> dict[str, Any]:
         return select_step.summary(self.run_state, selection, selector)
 
     def export(self) -> Any:
-        return export_step.export(self.run_state)
+        with self.run_state.locked():
+            return export_step.export(self.run_state)
 
     def push(self) -> str | None:
-        return export_step.push(self.run_state)
+        with self.run_state.locked():
+            return export_step.push(self.run_state)
 
     def probe(self) -> Any:
-        return export_step.probe(self.run_state)
+        with self.run_state.locked():
+            return export_step.probe(self.run_state)
 
     def run(self) -> dict[str, Any]:
         """windows → score → select → export → push; returns the summary (empty on non-main processes).
@@ -90,15 +96,16 @@ class LongAttnPipeline:
         started = time.perf_counter()
         run = self.run_state
         windows_step.check_push(run)
-        if self.config.probe and run.is_main:
-            export_step.probe(run)
-        score_step.score(run)
-        if not run.is_main:
-            return {}
-        select_step.select(run)
-        export_step.export(run)
-        export_step.push(run)
-        run.timings["total"] = round(time.perf_counter() - started, 3)
-        result = select_step.summary(run)
-        atomic_write_json(run.folder.summary, result)
+        with run.locked():
+            if self.config.probe and run.is_main:
+                export_step.probe(run)
+            score_step.score(run)
+            if not run.is_main:
+                return {}
+            select_step.select(run)
+            export_step.export(run)
+            export_step.push(run)
+            run.timings["total"] = round(time.perf_counter() - started, 3)
+            result = select_step.summary(run)
+            atomic_write_json(run.folder.summary, result)
         return result

@@ -1,7 +1,10 @@
-"""Step 2, score: every process scores its chunks (skipping those with a valid marker); then the merge checks them all.
+"""Step 2, score: the main process plans the chunks; every process claims and scores the next free one; the merge checks them all.
 
-Chunk ``j`` covers windows ``[j·chunk_size, (j+1)·chunk_size)``; it is scored by `score_chunk`
-and stored by `write_chunk` (see `hf_longattn.run.chunks`).
+A *chunk* is up to ``chunk_size`` consecutive windows of one windows shard. ``scores/plan.json``
+lists them with a digest of their windows' ids and content hashes; a chunk's marker records that
+digest, so a chunk is trusted only for the very windows it scored. When the windows change (a
+source was edited, added or removed), the scores of every window whose content is unchanged are
+kept in ``scores/reuse.parquet`` (keyed by the window's hash) and copied, not recomputed.
 """
 
 from __future__ import annotations
@@ -12,107 +15,245 @@ from typing import Any
 
 from .. import vocabulary as V
 from ..errors import LongAttnError
-from .chunks import check_chunk, chunk_bounds, num_chunks, owned_chunks, score_chunk, write_chunk
+from .chunks import check_chunk, score_chunk, write_chunk
 from .context import Run
 from .layout import chunk_name
-from .windows_step import windows as load_windows
+from .lock import claimed, release_claim
+from .storage import atomic_write, atomic_write_json, read_json, remove_stale_temporaries
+from .windows_step import build_windows, kept_mask, prepare
 
 logger = logging.getLogger(__name__)
 
+REUSE_FILE = "reuse.parquet"
+PLAN_FILE = "plan.json"
+
 
 def score(run: Run) -> None:
-    """Build or reuse the windows, score this process's chunks, then wait for every process."""
-    windows = load_windows(run)
-    run.timed("score", lambda: score_owned_chunks(run, windows))
+    """Build or reuse the windows, plan the chunks, score every chunk not done yet (all processes), wait for all."""
+    prepare(run)
+    build_windows(run)
+    run.executor.run_on_main(lambda: plan_chunks(run))
+    run.timed("score", lambda: score_claimed_chunks(run))
     run.executor.barrier()
 
 
-def chunks_to_do(run: Run, owned: range, size: int) -> list[int]:
-    """The owned chunks without a valid marker (logging why an existing one is redone); stale temporaries removed."""
-    scores_dir, fingerprint = run.folder.scores, run.fingerprint["fingerprint"]
+def plan_chunks(run: Run) -> dict[str, Any]:
+    """Main process: write ``scores/plan.json``; when the windows changed, keep reusable scores and drop stale chunks."""
+    import pyarrow.parquet as pq
+
+    from .units import digest
+
+    stats, chunk_size = run.windows_stats(), run.config.chunk_size
+    chunks = []
+    for shard in stats["shards"]:
+        table = pq.read_table(run.folder.windows / f"{shard['name']}.parquet", columns=[V.ID, V.CATEGORY, V.WINDOW_HASH])
+        ids, hashes = table.column(V.ID).to_pylist(), table.column(V.WINDOW_HASH).to_pylist()
+        rows = kept_mask(ids, table.column(V.CATEGORY).to_pylist(), stats["cap"]).nonzero()[0]
+        for low in range(0, len(rows), chunk_size):
+            part = rows[low:low + chunk_size]
+            chunks.append({"shard": shard["name"], "start": int(part[0]), "stop": int(part[-1]) + 1, "rows": len(part),
+                           "digest": digest([ids[r] for r in part], [hashes[r] for r in part])})
+    plan = {"windows_digest": stats["digest"], "chunk_size": chunk_size, "fingerprint": run.fingerprint["fingerprint"],
+            "chunks": chunks}
+    scores = run.folder.scores
+    scores.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(scores)
+    old = read_json(scores / PLAN_FILE, what="the chunk plan", remedy="delete it; it is rewritten") \
+        if (scores / PLAN_FILE).is_file() else None
+    if old != plan:
+        _keep_reusable_scores(run, plan)
+        atomic_write_json(scores / PLAN_FILE, plan)
+    return plan
+
+
+def _keep_reusable_scores(run: Run, plan: dict[str, Any]) -> None:
+    """Gather the rows of every valid old chunk into ``reuse.parquet``; remove the chunks the new plan does not match."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scores, fingerprint = run.folder.scores, run.fingerprint["fingerprint"]
+    tables = []
+    if (scores / REUSE_FILE).is_file():
+        tables.append(pq.read_table(scores / REUSE_FILE))
+    stale = []
+    for marker in sorted(scores.glob("chunk-*.done")):
+        index = int(marker.stem.split("-")[1])
+        expected = plan["chunks"][index] if index < len(plan["chunks"]) else None
+        record = _marker(marker)
+        if record.get("fingerprint") == fingerprint and check_chunk(scores, index, record.get("rows"), fingerprint) is None:
+            table = pq.read_table(run.folder.chunk_parquet(index))
+            if V.WINDOW_HASH in table.column_names:
+                tables.append(table)
+        if expected is None or record.get("digest") != expected["digest"]:
+            stale.append(index)
+    if tables:
+        reuse = pa.concat_tables(tables, promote_options="default")
+        atomic_write(scores / REUSE_FILE, lambda tmp: pq.write_table(reuse, tmp))
+    for index in stale:
+        run.folder.chunk_marker(index).unlink(missing_ok=True)
+        run.folder.chunk_parquet(index).unlink(missing_ok=True)
+    if stale:
+        run.print(f"[score] {len(stale)} chunk(s) hold other windows now: redoing them, copying the scores of "
+                  "windows whose content did not change")
+
+
+def _marker(path: Any) -> dict[str, Any]:
+    try:
+        record = read_json(path)
+    except LongAttnError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def score_claimed_chunks(run: Run) -> None:
+    """Claim and score, one after the other, every chunk without a valid marker (work spreads over all processes)."""
+    from tqdm.auto import tqdm
+
+    executor, scores = run.executor, run.folder.scores
+    plan = read_json(scores / PLAN_FILE, what="the chunk plan", remedy="delete it and relaunch")
+    fingerprint = run.fingerprint["fingerprint"]
     todo = []
-    for index in owned:
-        start, end = chunk_bounds(index, run.config.chunk_size, size)
-        reason = check_chunk(scores_dir, index, end - start, fingerprint)
+    for index, chunk in enumerate(plan["chunks"]):
+        reason = check_chunk(scores, index, chunk["rows"], fingerprint, chunk["digest"])
         if reason is not None:
             todo.append(index)
             if run.folder.chunk_parquet(index).exists() or run.folder.chunk_marker(index).exists():
-                logger.warning("rank %d: redoing %s: %s", run.executor.rank, chunk_name(index), reason)
-        for stale in scores_dir.glob(f".{chunk_name(index)}.*.tmp-*"):
-            stale.unlink(missing_ok=True)
-    return todo
+                logger.warning("rank %d: redoing %s: %s", executor.rank, chunk_name(index), reason)
+    print(f"[score] rank {executor.rank}/{executor.world_size}: {len(plan['chunks']) - len(todo)} of "
+          f"{len(plan['chunks'])} chunks done, {len(todo)} to score (chunk_size={run.config.chunk_size})", flush=True)
+    reuse = _reuse_index(run) if todo else {}
+    with tqdm(total=sum(plan["chunks"][i]["rows"] for i in todo), desc=f"Scoring windows (rank {executor.rank})",
+              unit="window", position=executor.local_rank, disable=not run.progress) as bar:
+        def done(index: int) -> bool:
+            chunk = plan["chunks"][index]
+            return check_chunk(scores, index, chunk["rows"], fingerprint, chunk["digest"]) is None
+
+        for index in claimed(todo, lambda i: scores / f"{chunk_name(i)}.claim", run.launch, executor.rank,
+                             executor.world_size, done):
+            _score_one(run, index, plan["chunks"][index], reuse, bar.update)
+            release_claim(scores / f"{chunk_name(index)}.claim")
 
 
-def score_owned_chunks(run: Run, windows: Any) -> None:
-    """Score the chunks this process owns (a contiguous block, `owned_chunks`) that are not done yet."""
-    from tqdm.auto import tqdm
+def _reuse_index(run: Run) -> dict[str, Any]:
+    """``window_hash`` → its reusable score row (from ``reuse.parquet``), or empty."""
+    import pyarrow.parquet as pq
 
-    executor, size, chunk_size = run.executor, len(windows), run.config.chunk_size
-    total = num_chunks(size, chunk_size)
-    mine = owned_chunks(total, executor.world_size, executor.rank)
-    run.folder.scores.mkdir(parents=True, exist_ok=True)
-    todo = chunks_to_do(run, mine, size)
-    print(
-        f"[score] rank {executor.rank}/{executor.world_size}: chunks {mine.start}–{mine.stop - 1} of {total} "
-        f"({len(mine) - len(todo)} done, {len(todo)} to score, chunk_size={chunk_size})"
-        if len(mine) else f"[score] rank {executor.rank}/{executor.world_size}: no chunk to score",
-        flush=True,
-    )
-    if not todo:
-        return
-    n_todo = sum(chunk_bounds(j, chunk_size, size)[1] - chunk_bounds(j, chunk_size, size)[0] for j in todo)
-    columns = windows.select_columns([V.ID, V.INPUT_IDS]).with_format("arrow")
-    with tqdm(total=n_todo, desc=f"Scoring windows (rank {executor.rank})", unit="window",
-              position=executor.local_rank, disable=not run.progress) as bar:
-        for index in todo:
-            started = time.perf_counter()
-            start, end = chunk_bounds(index, chunk_size, size)
-            table = score_chunk(run.scorer, columns[start:end], batch_size=run.config.batch_size, on_batch=bar.update)
-            write_chunk(run.folder.scores, index, table, {
-                "start": start, "end": end, "fingerprint": run.fingerprint["fingerprint"],
-                "rank": executor.rank, "world_size": executor.world_size,
-                "seconds": time.perf_counter() - started,
-            })
+    path = run.folder.scores / REUSE_FILE
+    if not path.is_file():
+        return {}
+    table = pq.read_table(path)
+    return {"table": table, "rows": {h: i for i, h in enumerate(table.column(V.WINDOW_HASH).to_pylist())}}
+
+
+def chunk_windows(run: Run, chunk: dict[str, Any]) -> Any:
+    """The windows of one chunk (kept rows of its shard range), their token ids checked against their hashes."""
+    from .units import check_window_hashes, read_rows
+
+    path = run.folder.windows / f"{chunk['shard']}.parquet"
+    table = read_rows(path, chunk["start"], chunk["stop"])
+    cap = run.windows_stats()["cap"]
+    if cap:
+        import pyarrow as pa
+
+        table = table.filter(pa.array(kept_mask(table.column(V.ID).to_pylist(), table.column(V.CATEGORY).to_pylist(), cap)))
+    if table.num_rows != chunk["rows"]:
+        raise LongAttnError(f"{path} holds {table.num_rows} windows where the plan expects {chunk['rows']}: the windows "
+                            f"changed under the plan. Delete {run.folder.scores / PLAN_FILE} and relaunch.")
+    check_window_hashes(table, str(path), chunk["start"])
+    return table
+
+
+def _score_one(run: Run, index: int, chunk: dict[str, Any], reuse: dict[str, Any], on_batch: Any) -> None:
+    import pyarrow as pa
+
+    started = time.perf_counter()
+    windows = chunk_windows(run, chunk)
+    hashes = windows.column(V.WINDOW_HASH).to_pylist()
+    known = [reuse["rows"].get(h) for h in hashes] if reuse else [None] * len(hashes)
+    missing = [i for i, row in enumerate(known) if row is None]
+    scored = score_chunk(run.scorer, windows.take(pa.array(missing, pa.int64())), batch_size=run.config.batch_size,
+                         on_batch=on_batch) if missing else None
+    if len(missing) < len(hashes):
+        on_batch(len(hashes) - len(missing))
+    table = _assemble(windows, scored, missing, known, reuse, run.scorer.output_features())
+    write_chunk(run.folder.scores, index, table, {
+        "shard": chunk["shard"], "start": chunk["start"], "stop": chunk["stop"], "digest": chunk["digest"],
+        "fingerprint": run.fingerprint["fingerprint"], "rank": run.executor.rank,
+        "world_size": run.executor.world_size, "reused": len(hashes) - len(missing),
+        "seconds": time.perf_counter() - started,
+    })
+
+
+def _assemble(windows: Any, scored: Any, missing: list[int], known: list, reuse: dict[str, Any], features: Any) -> Any:
+    """The chunk's rows in order: ``id``, ``window_hash``, then the score columns (scored now or reused)."""
+    import pyarrow as pa
+
+    names = list(features)
+    fresh = iter(range(len(missing)))
+    rows = []
+    for position, row in enumerate(known):
+        if row is None:
+            rows.append(("fresh", next(fresh)))
+        else:
+            rows.append(("reuse", row))
+    columns = {}
+    for name in names:
+        values = []
+        for kind, row in rows:
+            source = scored if kind == "fresh" else reuse["table"]
+            values.append(source.column(name)[row].as_py())
+        columns[name] = values
+    schema = pa.schema([pa.field(V.ID, pa.string()), pa.field(V.WINDOW_HASH, pa.string()), *features.arrow_schema])
+    return pa.table({V.ID: windows.column(V.ID), V.WINDOW_HASH: windows.column(V.WINDOW_HASH), **columns}, schema=schema)
 
 
 def merged_scores(run: Run, windows: Any = None) -> Any:
-    """All chunks concatenated in windows order, checked against the windows' ids (every window exactly once).
+    """All chunks concatenated in plan order, each checked against the windows it must hold.
 
     Returns:
-        `pyarrow.Table`: ``id``, ``category`` and the score columns, one row per window.
+        `pyarrow.Table`: ``id``, ``category`` and the score columns, one row per kept window.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from datasets import load_from_disk
     from tqdm.auto import tqdm
 
-    if windows is None:
-        run.windows_stats()
-        windows = load_from_disk(str(run.folder.windows))
-    size = len(windows)
-    total = num_chunks(size, run.config.chunk_size)
+    scores, stats = run.folder.scores, run.windows_stats()
+    if not (scores / PLAN_FILE).is_file():
+        raise LongAttnError(f"No scores in {scores}: run the `score` step first")
+    plan = read_json(scores / PLAN_FILE, what="the chunk plan", remedy="delete it and run the `score` step")
+    if plan.get("windows_digest") != stats["digest"]:
+        raise LongAttnError(f"{scores / PLAN_FILE} was made for other windows: run the `score` step again")
     fingerprint = run.fingerprint["fingerprint"]
     problems, tables = [], []
-    for index in tqdm(range(total), desc="Merging score chunks", unit="chunk", disable=not run.progress):
-        start, end = chunk_bounds(index, run.config.chunk_size, size)
-        reason = check_chunk(run.folder.scores, index, end - start, fingerprint)
+    for index, chunk in enumerate(tqdm(plan["chunks"], desc="Merging score chunks", unit="chunk", disable=not run.progress)):
+        reason = check_chunk(scores, index, chunk["rows"], fingerprint, chunk["digest"])
         if reason is not None:
             problems.append(f"{chunk_name(index)} ({reason})")
-            continue
-        tables.append(pq.read_table(run.folder.chunk_parquet(index)))
+        else:
+            tables.append(pq.read_table(run.folder.chunk_parquet(index)).drop_columns([V.WINDOW_HASH]))
     if problems:
-        raise LongAttnError(
-            f"{len(problems)} of {total} score chunk(s) are missing or invalid, e.g. {problems[:3]}: "
-            "run the `score` step (again) to finish them"
-        )
-    scores = pa.concat_tables(tables) if tables else None
-    reference = windows.select_columns([V.ID, V.CATEGORY]).with_format("arrow")[:]
-    if scores is None or scores.num_rows != size or not scores.column(V.ID).equals(reference.column(V.ID)):
-        got = scores.column(V.ID).to_pylist() if scores is not None else []
-        expected = reference.column(V.ID).to_pylist()
-        first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
-        raise LongAttnError(
-            f"Score chunks do not match the windows ({len(got)} scored rows for {size} windows; first difference "
-            f"at row {first}): the windows changed under the scores. Delete {run.folder.scores} and score again."
-        )
-    return scores.add_column(1, V.CATEGORY, reference.column(V.CATEGORY))
+        raise LongAttnError(f"{len(problems)} of {len(plan['chunks'])} score chunk(s) are missing or invalid, e.g. "
+                            f"{problems[:3]}: run the `score` step (again) to finish them")
+    merged = pa.concat_tables(tables)
+    reference = load_kept_windows(run, [V.ID, V.CATEGORY])
+    if not merged.column(V.ID).equals(reference.column(V.ID)):
+        raise LongAttnError(f"the score chunks do not hold the windows of {run.folder.windows}: delete {scores} and "
+                            "run the `score` step again")
+    return merged.add_column(1, V.CATEGORY, reference.column(V.CATEGORY))
+
+
+def load_kept_windows(run: Run, columns: list[str]) -> Any:
+    """Some columns of every kept window, in plan order, as one `pyarrow.Table` (``id`` and ``category`` are read too)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stats = run.windows_stats()
+    wanted = list(dict.fromkeys([V.ID, V.CATEGORY, *columns]))
+    tables = []
+    for shard in stats["shards"]:
+        table = pq.read_table(run.folder.windows / f"{shard['name']}.parquet", columns=wanted)
+        if stats["cap"]:
+            table = table.filter(pa.array(kept_mask(table.column(V.ID).to_pylist(),
+                                                    table.column(V.CATEGORY).to_pylist(), stats["cap"])))
+        tables.append(table.select(columns))
+    return pa.concat_tables(tables)

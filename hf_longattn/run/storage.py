@@ -125,13 +125,24 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
                 for name in files:
                     with open(os.path.join(root, name), "rb+") as handle:
                         os.fsync(handle.fileno())
-            if path.exists():
-                os.replace(path, previous)
-            os.replace(temporary, path)
+            _swap(temporary, path, previous)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(previous, ignore_errors=True)
     fsync_dir(path.parent)
+
+
+def _swap(new: Path, path: Path, previous: Path) -> None:
+    """Put folder ``new`` at ``path``; the folder there before goes to ``previous``, and comes back if this fails."""
+    moved = path.exists()
+    if moved:
+        os.replace(path, previous)
+    try:
+        os.replace(new, path)
+    except OSError:
+        if moved:
+            os.replace(previous, path)
+        raise
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, pattern: str = ".*.tmp-*") -> None:

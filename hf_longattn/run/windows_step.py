@@ -1,22 +1,29 @@
-"""Step 1, windows: check the run folder, then documents → token ids → Algorithm 1 windows, saved with their counts.
+"""Step 1, windows: check the run folder and the model, then window every input shard (claimed by any process) and plan.
 
-The main process builds the windows while the others wait; a complete build (its stats file
-present) is reused.
+Every process claims input shards (`hf_longattn.shards`) and windows them into
+``windows/shard-<id>.parquet`` — token ids only, no text — with a record
+``windows/shard-<id>.json`` (its input's identity, counts, sha256). A shard is named after its
+input's identity, so a relaunch reuses every shard whose input did not change (after checking its
+sha256) and rebuilds the others. The main process then writes ``windows/windows_stats.json``:
+the sources' manifest, the shards in order, counts per category and the per-category cap.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
+import json
 from typing import Any
 
 import numpy as np
 
+from .. import __version__
 from .. import vocabulary as V
 from ..errors import LongAttnError
 from .context import Run
-from .storage import atomic_write, atomic_write_json, fsync_dir, read_json
+from .lock import claimed, release_claim
+from .storage import atomic_write_json, read_json, remove_stale_temporaries, sha256_file
+
+STATS_FORMAT = 2
 
 
 def check_push(run: Run) -> None:
@@ -31,15 +38,17 @@ def check_push(run: Run) -> None:
 
 
 def prepare(run: Run) -> None:
-    """Refuse a run folder that holds another configuration's windows or scores; record ours.
+    """Check everything that can fail before any work, and refuse a folder holding another configuration's results.
 
-    Every process checks; the main process writes ``fingerprint.json`` and ``config.yaml``.
+    The model must exist and take windows of ``window_size`` tokens; ``fingerprint.json`` (written
+    once the windows exist) must match, unless the folder holds nothing computed yet.
     """
     check_push(run)
     folder = run.folder
     folder.check_inside()
+    run.check_model()
     ours = run.fingerprint
-    if folder.fingerprint.is_file():
+    if folder.fingerprint.is_file() and _holds_results(run):
         stored = read_json(folder.fingerprint, what="the run's fingerprint",
                            remedy="delete it if the folder holds nothing else of value, or use another output_dir")
         if stored.get("fingerprint") != ours["fingerprint"]:
@@ -50,122 +59,247 @@ def prepare(run: Run) -> None:
                 f"(changed: {'; '.join(changed) or 'unknown'}). Mixing them would corrupt the result: "
                 "use another output_dir (--output-dir), or delete this one to start over."
             )
-    elif run.is_main:
-        folder.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder.fingerprint, ours)
     if run.is_main:
         folder.root.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder.config, lambda tmp: tmp.write_text(run.config.to_yaml(), encoding="utf-8"))
+        from .storage import atomic_write_text
+
+        atomic_write_text(folder.config, run.config.to_yaml())
+
+
+def _holds_results(run: Run) -> bool:
+    return run.folder.windows_stats.is_file() or any(run.folder.scores.glob("chunk-*.done"))
+
+
+def windows_identity(run: Run) -> str:
+    """What defines the windows besides their input: the tokenizer (through the checkpoint), W, faithful, version."""
+    config = run.config
+    identity = {"checkpoint": run.scorer.identity(), "tokenizer": config.tokenizer, "window_size": config.window_size,
+                "faithful": config.faithful, "hf_longattn_version": __version__}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def shard_name(input_identity: str, identity: str) -> str:
+    """``shard-<16 hex>``: named after its input and the windows identity, so unchanged inputs keep their shard."""
+    return "shard-" + hashlib.sha256(f"{input_identity}\n{identity}".encode()).hexdigest()[:16]
 
 
 def windows(run: Run) -> Any:
-    """Build the windows once (main process; the others wait) or reuse them; return them as a `datasets.Dataset`."""
-    from datasets import load_from_disk
-
+    """Build (or reuse) the windows on every process, then return them as a `datasets.Dataset` (kept windows, in order)."""
     prepare(run)
-
-    def build() -> None:
-        if run.folder.windows_stats.is_file():
-            run.print(f"[windows] reusing the windows in {run.folder.windows}")
-        else:
-            run.timed("windows", lambda: build_windows(run))
-
-    run.executor.run_on_main(build)
-    return load_from_disk(str(run.folder.windows))
+    build_windows(run)
+    return load_windows(run)
 
 
 def build_windows(run: Run) -> None:
-    """Read, tokenise and cut every document; apply the per-category cap; save windows and stats atomically."""
-    from ..sources import read_sources
-    from ..tokenization import Tokenize
-    from ..windows import SlidingWindows
+    """Window every input shard that is not done yet (all processes share the work), then plan on the main process.
 
-    config = run.config
-    run.print(f"[windows] reading {len(config.sources)} source(s): " + ", ".join(s.describe() for s in config.sources))
-    documents = read_sources(config.sources)
-    tokenizer = run.scorer.tokenizer
-    tokenized = documents.map(
-        Tokenize(tokenizer), batched=True, batch_size=16, num_proc=config.num_proc, remove_columns=[V.TEXT],
-        desc="Tokenizing documents",
-    )
-    windowing = SlidingWindows(tokenizer, config.window_size, faithful=config.faithful, decode=True)
-    windows = tokenized.map(
-        windowing, batched=True, batch_size=16, num_proc=config.num_proc, remove_columns=tokenized.column_names,
-        features=windowing.output_features(tokenized.features), desc=f"Cutting windows of {config.window_size} tokens",
-    )
-    lengths = tokenized.select_columns([V.CATEGORY, V.DOC_NUM_TOKENS]).with_format("arrow")[:]
-    stats, kept = _cap_windows(run, windows, lengths)
-    if len(kept) != len(windows):
-        windows = windows.select(kept)
-    if len(windows) == 0:
+    A relaunch checks every existing shard against its recorded sha256 (the processes share that
+    too) and rebuilds what changed or is damaged; unchanged shards are reused.
+    """
+    from ..shards import manifest, manifest_changes, plan_input_shards
+
+    plan = plan_input_shards(run.config.sources)
+    identity = windows_identity(run)
+    names = [shard_name(shard.identity, identity) for shard in plan]
+    recorded = read_json(run.folder.windows_stats, what="windows statistics", remedy=f"delete {run.folder.windows} "
+                         "and relaunch") if run.folder.windows_stats.is_file() else None
+    same_plan = recorded is not None and recorded.get("identity") == identity \
+        and [s["name"] for s in recorded.get("shards", [])] == names
+    if recorded is not None and not same_plan:
+        changes = manifest_changes(recorded.get("manifest", []), plan) or ["the tokenizer, W or faithful"]
+        run.print(f"[windows] the sources changed since the windows were built ({'; '.join(changes[:5])}"
+                  f"{'; …' if len(changes) > 5 else ''}): windowing what changed; scores of unchanged windows are reused")
+    run.folder.windows.mkdir(parents=True, exist_ok=True)
+    rank, world = run.executor.rank, run.executor.world_size
+    damaged = [i for i in range(rank, len(plan), world) if not _shard_is_valid(run, names[i], plan[i], identity)]
+    for index in damaged:  # gone before anyone decides what to build
+        (run.folder.windows / f"{names[index]}.json").unlink(missing_ok=True)
+    if run.is_main:
+        remove_stale_temporaries(run.folder.windows)  # before any process writes a new one
+    run.executor.barrier()
+    todo = [i for i, name in enumerate(names) if not (run.folder.windows / f"{name}.json").is_file()]
+    if same_plan and not todo:
+        run.print(f"[windows] reusing the windows in {run.folder.windows} (every shard checked against its sha256)")
+        return
+    run.timed("windows", lambda: _window_claimed_shards(run, plan, names, identity, todo))
+    run.executor.barrier()
+    run.executor.run_on_main(lambda: _write_stats(run, plan, names, identity, manifest(plan)))
+
+
+def _window_claimed_shards(run: Run, plan: list, names: list[str], identity: str, todo: list[int]) -> None:
+    from ..shards import read_shard
+    from .units import window_shard
+
+    folder = run.folder.windows
+    executor = run.executor
+    def done(index: int) -> bool:
+        return (folder / f"{names[index]}.json").is_file()
+
+    for index in claimed(todo, lambda i: folder / f"{names[i]}.claim", run.launch, executor.rank, executor.world_size,
+                         done):
+        shard = plan[index]
+        print(f"[windows] rank {executor.rank}: windowing {shard.name}", flush=True)
+        record = window_shard(read_shard(run.config.sources, shard), run.scorer.tokenizer,
+                              folder / f"{names[index]}.parquet", window_size=run.config.window_size,
+                              faithful=run.config.faithful, row_group_rows=run.config.chunk_size)
+        atomic_write_json(folder / f"{names[index]}.json", {"input": shard.name, "input_identity": shard.identity,
+                                                             "identity": identity, **record})
+        release_claim(folder / f"{names[index]}.claim")
+
+
+def _shard_is_valid(run: Run, name: str, shard: Any, identity: str) -> bool:
+    """A shard is reused when its record matches its input and the windows identity, and its file its sha256."""
+    folder = run.folder.windows
+    record_path, parquet = folder / f"{name}.json", folder / f"{name}.parquet"
+    if not record_path.is_file() or not parquet.is_file():
+        return False
+    try:
+        record = read_json(record_path)
+    except LongAttnError:
+        return False
+    if record.get("input_identity") != shard.identity or record.get("identity") != identity:
+        return False
+    if sha256_file(parquet) != record.get("sha256"):
+        print(f"[windows] {parquet} does not match its recorded sha256 (corrupt or edited): rebuilding it", flush=True)
+        return False
+    return True
+
+
+def _write_stats(run: Run, plan: list, names: list[str], identity: str, manifest: list) -> None:
+    """Main process: gather the shard records, check ids and categories, cap, and write ``windows_stats.json``."""
+    folder = run.folder.windows
+    records = [read_json(folder / f"{name}.json", what="a windows shard record",
+                         remedy=f"delete {folder / name}.* and relaunch") for name in names]
+    ids, categories, keys = _window_keys(run, names)
+    _check_unique(ids, names, records)
+    from ..publication import split_names
+
+    try:
+        split_names(sorted(set(categories)))
+    except ValueError as error:
+        raise LongAttnError(f"{error} (categories come from the sources; nothing was scored yet)") from error
+    cap, kept = _cap(run, categories, keys, ids)
+    stats = _category_stats(run, records, categories, kept)
+    total = int(kept.sum())
+    if total == 0:
+        longest = max((c.get("tokens_documents", 0) for r in records for c in r["categories"].values()), default=0)
         raise LongAttnError(
-            f"No window: all {len(documents)} document(s) are shorter than window_size={config.window_size} tokens "
-            f"(longest: {max(lengths.column(V.DOC_NUM_TOKENS).to_pylist(), default=0)} tokens). "
-            "Lower window_size or add longer documents."
-        )
+            f"No window: all {sum(s['documents'] for s in stats.values())} document(s) are shorter than window_size="
+            f"{run.config.window_size} tokens (all their tokens together: {longest}). Lower window_size or add longer documents.")
+    shards, offset = [], 0
+    for name, record in zip(names, records):
+        rows = record["rows"]
+        shards.append({"name": name, "input": record["input"], "rows": rows, "kept": int(kept[offset:offset + rows].sum()),
+                       "sha256": record["sha256"]})
+        offset += rows
     totals = {key: sum(s[key] for s in stats.values()) for key in next(iter(stats.values()))}
-    record = {"window_size": config.window_size, "faithful": config.faithful, "categories": stats, "total": totals}
-    _save_windows(run, windows, record)
+    digest = hashlib.sha256(json.dumps([shards, cap], sort_keys=True).encode()).hexdigest()
+    atomic_write_json(run.folder.windows_stats, {
+        "format": STATS_FORMAT, "identity": identity, "window_size": run.config.window_size,
+        "faithful": run.config.faithful, "digest": digest, "manifest": manifest, "shards": shards, "cap": cap,
+        "categories": stats, "total": totals})
+    _remove_unlisted_shards(run, names)
+    atomic_write_json(run.folder.fingerprint, run.fingerprint)  # the folder now holds results of this configuration
+    _print_stats(run, stats, totals)
+
+
+def _window_keys(run: Run, names: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Ids, categories and cap keys (64 bits of BLAKE2b of the id) of every window, in plan order."""
+    import pyarrow.parquet as pq
+
+    ids: list[str] = []
+    categories: list[str] = []
+    for name in names:
+        table = pq.read_table(run.folder.windows / f"{name}.parquet", columns=[V.ID, V.CATEGORY])
+        ids += table.column(V.ID).to_pylist()
+        categories += table.column(V.CATEGORY).to_pylist()
+    keys = np.fromiter((window_key(i) for i in ids), dtype=np.uint64, count=len(ids))
+    return ids, np.array(categories, dtype=object), keys
+
+
+def window_key(window_id: str) -> int:
+    """Sampling key of a window for ``max_windows_per_category``: 64 bits of BLAKE2b of its id."""
+    return int.from_bytes(hashlib.blake2b(window_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def _check_unique(ids: list[str], names: list[str], records: list[dict]) -> None:
+    if len(set(ids)) == len(ids):
+        return
+    seen: set[str] = set()
+    duplicate = next(i for i in ids if i in seen or seen.add(i))
+    raise LongAttnError(f"Duplicate window id {duplicate!r}: two documents share the id {duplicate.rsplit('/w', 1)[0]!r} "
+                        "(ids must be unique across sources: set id_column, or do not list a source twice)")
+
+
+def _cap(run: Run, categories: np.ndarray, keys: np.ndarray, ids: list[str]) -> tuple[dict, np.ndarray]:
+    """The per-category cap ``{category: [key, id]}`` (the last window kept) and the kept mask, in plan order."""
+    limit = run.config.max_windows_per_category
+    kept = np.ones(len(ids), dtype=bool)
+    cap: dict[str, list] = {}
+    if limit is None:
+        return cap, kept
+    for category in sorted(set(categories.tolist())):
+        rows = np.flatnonzero(categories == category)
+        if len(rows) <= limit:
+            continue
+        order = sorted(rows.tolist(), key=lambda r: (int(keys[r]), ids[r]))
+        last = order[limit - 1]
+        cap[category] = [int(keys[last]), ids[last]]
+        kept[np.array(order[limit:], dtype=np.int64)] = False
+    return cap, kept
+
+
+def kept_mask(ids: list[str], categories: list[str], cap: dict[str, list]) -> np.ndarray:
+    """Which windows the cap keeps: those of an uncapped category, else ``(key, id) ≤`` the category's last kept."""
+    if not cap:
+        return np.ones(len(ids), dtype=bool)
+    return np.array([category not in cap or (window_key(i), i) <= (cap[category][0], cap[category][1])
+                     for i, category in zip(ids, categories)], dtype=bool)
+
+
+def _category_stats(run: Run, records: list[dict], categories: np.ndarray, kept: np.ndarray) -> dict[str, dict[str, int]]:
+    stats: dict[str, dict[str, int]] = {}
+    for record in records:
+        for category, counts in record["categories"].items():
+            entry = stats.setdefault(category, {"documents": 0, "documents_too_short": 0, "tokens_documents": 0})
+            for key in entry:
+                entry[key] += counts[key]
+    for category, entry in stats.items():
+        rows = categories == category
+        entry["windows"] = int((rows & kept).sum())
+        entry["windows_left_out"] = int((rows & ~kept).sum())
+        entry["tokens_in"] = entry["windows"] * run.config.window_size
+    return dict(sorted(stats.items()))
+
+
+def _remove_unlisted_shards(run: Run, names: list[str]) -> None:
+    listed = set(names)
+    for path in run.folder.windows.glob("shard-*"):
+        if path.name.split(".")[0] not in listed:
+            path.unlink(missing_ok=True)
+
+
+def _print_stats(run: Run, stats: dict[str, dict[str, int]], totals: dict[str, int]) -> None:
     from ..counts import format_table
 
     run.print(format_table(
         ["category", "documents", "too short", "windows", "left out (cap)", "tokens (documents)", "tokens (windows)"],
         [[c, s["documents"], s["documents_too_short"], s["windows"], s["windows_left_out"], s["tokens_documents"],
           s["tokens_in"]] for c, s in [*stats.items(), ("total", totals)]],
-        title=f"[windows] W = {config.window_size} tokens → {run.folder.windows} (windows of a document overlap, "
-              "so they can hold more tokens than the documents)",
+        title=f"[windows] W = {run.config.window_size} tokens → {run.folder.windows} (tokens (documents) counts the "
+              "documents long enough to tokenise; windows of a document overlap, so they can hold more tokens)",
     ))
 
 
-def _window_key(window_id: str) -> int:
-    """Sampling key of a window for ``max_windows_per_category``: 64 bits of BLAKE2b of its id."""
-    return int.from_bytes(hashlib.blake2b(window_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
-
-
-def _cap_windows(run: Run, windows: Any, lengths: Any) -> tuple[dict[str, dict[str, int]], np.ndarray]:
-    """Counts per category and the rows kept under ``max_windows_per_category`` (smallest id hashes, windows order)."""
+def load_windows(run: Run, columns: list[str] | None = None) -> Any:
+    """The kept windows of a run, in plan order, as a `datasets.Dataset` (read into memory: for small runs and tests)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from datasets import Dataset
 
-    from ..windows import count_windows
-
-    config = run.config
-    table = windows.select_columns([V.ID, V.CATEGORY]).with_format("arrow")[:]
-    stats: dict[str, dict[str, int]] = {}
-    keep_rows: list[np.ndarray] = []
-    for category in sorted(set(lengths.column(V.CATEGORY).to_pylist())):
-        doc_lengths = lengths.column(V.DOC_NUM_TOKENS).filter(pc.equal(lengths.column(V.CATEGORY), category)).to_numpy()
-        counts = count_windows(doc_lengths, config.window_size, config.faithful)
-        rows = np.flatnonzero(pc.equal(table.column(V.CATEGORY), category).to_numpy(zero_copy_only=False))
-        if len(rows) != counts["windows"]:
-            raise LongAttnError(f"category {category!r}: {len(rows)} windows written, {counts['windows']} expected")
-        limit = config.max_windows_per_category
-        if limit is not None and len(rows) > limit:
-            ids = table.column(V.ID).take(pa.array(rows)).to_pylist()
-            keys = np.fromiter((_window_key(i) for i in ids), dtype=np.uint64, count=len(ids))
-            rows = np.sort(rows[np.argsort(keys, kind="stable")[:limit]])
-        stats[category] = {
-            "documents": counts["documents"],
-            "documents_too_short": counts["documents_too_short"],
-            "tokens_documents": counts["tokens_documents"],
-            "windows": int(len(rows)),
-            "windows_left_out": counts["windows"] - len(rows),
-            "tokens_in": int(len(rows)) * config.window_size,
-        }
-        keep_rows.append(rows)
-    kept = np.sort(np.concatenate(keep_rows)) if keep_rows else np.zeros(0, dtype=np.int64)
-    return stats, kept
-
-
-def _save_windows(run: Run, windows: Any, record: dict[str, Any]) -> None:
-    """Save under a temporary name, then rename into ``windows/`` (an interrupted build leaves nothing behind)."""
-    folder = run.folder
-    temporary = folder.root / f".windows.tmp-{os.getpid()}"
-    for stale in folder.root.glob(".windows.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if folder.windows.exists():  # an incomplete earlier build (no stats file)
-        shutil.rmtree(folder.windows)
-    windows.flatten_indices().save_to_disk(str(temporary))
-    atomic_write_json(temporary / folder.windows_stats.name, record)
-    os.replace(temporary, folder.windows)
-    fsync_dir(folder.root)
+    stats = run.windows_stats()
+    tables = [pq.read_table(run.folder.windows / f"{s['name']}.parquet", columns=columns) for s in stats["shards"]]
+    table = pa.concat_tables(tables)
+    mask = kept_mask(table.column(V.ID).to_pylist(), table.column(V.CATEGORY).to_pylist(), stats["cap"]) \
+        if stats["cap"] and V.ID in table.column_names else None
+    return Dataset(table.filter(pa.array(mask)) if mask is not None else table)

@@ -1,0 +1,310 @@
+"""Input shards: the sources' files, each read on its own by any task, streamed, with an identity that changes with its content.
+
+An *input shard* is one file of a ``path:`` source (a folder gives one shard per file, in sorted
+order), one data file of a ``hub:`` dataset (resolved by `datasets` to ``hf://…@<commit>/…`` and
+streamed with fsspec, never downloaded whole), or one embedded corpus. A source with a ``limit``
+is one shard (its files read in order until the limit). Documents keep ids that depend only on
+their file and row (``<file stem>:<row>`` without an ``id_column``), so any task reading a shard
+names them the same way. A shard's *identity* — size and modification time of a local file, the
+commit in a Hub URL, a content hash for an embedded corpus — tells a relaunch what changed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import vocabulary as V
+from .sources import RECORD_SUFFIXES, TEXT_SUFFIXES, SourceConfig, pydoc_documents, stdlib_documents
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One unit of reading: ``files`` of source ``source`` (an index into the configured sources).
+
+    Attributes:
+        index (`int`): position in the plan (documents of shard i come before those of shard i + 1).
+        source (`int`): index of its source in the configuration's ``sources``.
+        name (`str`): the file, or the source, in words (``docs/a.jsonl``, ``embedded:python-stdlib``).
+        files (`tuple[str, ...]`): paths or ``hf://`` URLs read, in order (empty for an embedded corpus).
+        identity (`str`): changes whenever the shard's documents can have changed.
+        size (`int`): bytes on disk (0 when unknown).
+    """
+
+    index: int
+    source: int
+    name: str
+    files: tuple[str, ...]
+    identity: str
+    size: int = 0
+
+
+def plan_input_shards(sources: Sequence[SourceConfig]) -> list[InputShard]:
+    """The input shards of ``sources``, in reading order, with their identities (no document is read).
+
+    Example:
+
+    >>> [s.files for s in plan_input_shards([SourceConfig(path="docs/")])]  # doctest: +SKIP
+    [('docs/a.jsonl',), ('docs/b.jsonl',)]
+    """
+    plan: list[InputShard] = []
+    for number, source in enumerate(sources):
+        units = _source_units(source)
+        if source.limit is not None and len(units) > 1:  # the first `limit` documents: read the files in order
+            units = [(tuple(f for files, _, _ in units for f in files), "+".join(i for _, i, _ in units),
+                      sum(s for _, _, s in units))]
+        source_key = json.dumps(source.to_dict(), sort_keys=True)
+        for files, identity, size in units:
+            name = files[0] if len(files) == 1 else source.describe()
+            plan.append(InputShard(len(plan), number, name, files, f"{identity}|{source_key}", size))
+    return plan
+
+
+def _source_units(source: SourceConfig) -> list[tuple[tuple[str, ...], str, int]]:
+    """``(files, identity, size)`` of each shard of one source."""
+    if source.embedded is not None:
+        digest = hashlib.sha256()
+        for document in _embedded_documents(source):
+            digest.update(document["text"].encode("utf-8", "surrogatepass"))
+        return [((), f"embedded:{source.embedded}:{digest.hexdigest()}", 0)]
+    files = _hub_files(source) if source.hub is not None else [str(p) for p in _path_files(source)[1]]
+    units = []
+    for file in files:
+        if "://" in file:
+            units.append(((file,), file, 0))
+        else:
+            stat = os.stat(file)
+            units.append(((file,), f"{file}:{stat.st_size}:{stat.st_mtime_ns}", stat.st_size))
+    return units
+
+
+def manifest_changes(old: Sequence[Mapping[str, Any]], new: Sequence[InputShard]) -> list[str]:
+    """What differs between a stored manifest (see :func:`manifest`) and the current shards, in words.
+
+    Example:
+
+    >>> manifest_changes([{"name": "a.jsonl", "identity": "1"}], [InputShard(0, 0, "b.jsonl", ("b.jsonl",), "2")])
+    ['added b.jsonl', 'removed a.jsonl']
+    """
+    before = {entry["name"]: entry["identity"] for entry in old}
+    after = {shard.name: shard.identity for shard in new}
+    changes = [f"added {name}" for name in after if name not in before]
+    changes += [f"removed {name}" for name in before if name not in after]
+    changes += [f"changed {name}" for name in after if name in before and before[name] != after[name]]
+    return changes
+
+
+def manifest(shards: Sequence[InputShard]) -> list[dict[str, Any]]:
+    """The shards as JSON-ready dicts (what ``windows_stats.json`` records)."""
+    return [asdict(shard) for shard in shards]
+
+
+# -- reading one shard -----------------------------------------------------------------------------
+
+
+def read_shard(sources: Sequence[SourceConfig], shard: InputShard) -> Iterator[dict[str, Any]]:
+    """The documents of one shard, streamed, as dicts with :data:`~hf_longattn.vocabulary.DOCUMENT_COLUMNS`.
+
+    Example:
+
+    >>> shard = plan_input_shards([SourceConfig(embedded="pydoc-topics", category="docs")])[0]
+    >>> next(read_shard([SourceConfig(embedded="pydoc-topics", category="docs")], shard))["id"]
+    'pydoc-topics/000'
+    """
+    source = sources[shard.source]
+    if source.embedded is not None:
+        rows: Iterator[dict[str, Any]] = _embedded_documents(source)
+    elif source.hub is not None:
+        rows = (doc for file in shard.files for doc in _read_hub_file(source, file))
+    else:
+        root = _path_files(source)[0]
+        rows = (doc for file in shard.files for doc in _read_path_file(source, root, Path(file)))
+    for count, row in enumerate(rows):
+        if source.limit is not None and count >= source.limit:
+            return
+        yield row
+
+
+def _embedded_documents(source: SourceConfig) -> Iterator[dict[str, Any]]:
+    raw = stdlib_documents() if source.embedded == "python-stdlib" else pydoc_documents()
+    category = source.category or ("code" if source.embedded == "python-stdlib" else "docs")
+    return ({**doc, V.CATEGORY: category} for doc in raw)
+
+
+def _path_files(source: SourceConfig) -> tuple[Path, list[Path]]:
+    """The root of a ``path:`` source and its files, sorted (hidden files and unknown types left out, with a warning)."""
+    root = Path(source.path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"Source path {source.path} does not exist")
+    if root.is_file():
+        return root, [root]
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    skipped = [p for p in files if not _is_record_file(p) and not p.name.lower().endswith(TEXT_SUFFIXES)]
+    if skipped:
+        logger.warning("%s: skipped %d file(s) of unknown type, e.g. %s (known: %s)", root, len(skipped), skipped[0],
+                       ", ".join(RECORD_SUFFIXES + TEXT_SUFFIXES))
+    return root, [p for p in files if p not in set(skipped)]
+
+
+def _read_path_file(source: SourceConfig, root: Path, path: Path) -> Iterator[dict[str, Any]]:
+    """Documents of one file of a ``path:`` source (ids and categories as documented in `hf_longattn.sources`)."""
+    if root.is_file():
+        if _is_record_file(path):
+            yield from _records_to_documents(_iter_record_file(path), source, _stem(path), _stem(path), str(path))
+        else:
+            document = _read_text_file(path, path.name, source.category or path.parent.resolve().name, source)
+            if document is not None:
+                yield document
+        return
+    relative = path.relative_to(root)
+    root_name = root.resolve().name
+    if _is_record_file(path):
+        prefix = f"{root_name}/{relative.parent.as_posix()}/{_stem(path)}".replace("/./", "/")
+        yield from _records_to_documents(_iter_record_file(path), source, _stem(path), prefix, str(path))
+    else:
+        category = source.category or (relative.parts[0] if len(relative.parts) > 1 else root_name)
+        document = _read_text_file(path, f"{root_name}/{relative.as_posix()}", category, source)
+        if document is not None:
+            yield document
+
+
+def _hub_files(source: SourceConfig) -> list[str]:
+    """The data files of a Hub dataset's split, as `datasets` resolves them (``hf://datasets/<repo>@<commit>/…``)."""
+    from datasets import load_dataset_builder
+
+    builder = load_dataset_builder(source.hub, source.name, revision=source.revision, data_dir=source.data_dir)
+    data_files = builder.config.data_files or {}
+    if source.split not in data_files:
+        raise ValueError(f"Hub dataset {source.hub!r} has no split {source.split!r}; splits: {sorted(data_files)}")
+    files = [str(f) for f in data_files[source.split]]
+    unknown = [f for f in files if not f.lower().endswith(RECORD_SUFFIXES)]
+    if unknown:
+        raise ValueError(f"Hub dataset {source.hub!r}: files of an unsupported type, e.g. {unknown[0]} "
+                         f"(supported: {', '.join(RECORD_SUFFIXES)})")
+    return files
+
+
+def _read_hub_file(source: SourceConfig, file: str) -> Iterator[dict[str, Any]]:
+    """Documents of one data file of a Hub dataset; ids ``<repo>:<split>:<file stem>:<row>`` without an ``id_column``."""
+    default_category = source.hub.rstrip("/").split("/")[-1]
+    stem = _stem(Path(file.split("@")[-1]))
+    prefix = f"{source.hub}:{source.split}:{stem}"
+    yield from _records_to_documents(_iter_record_file(file), source, default_category, prefix, file)
+
+
+# -- files of records ------------------------------------------------------------------------------------
+
+
+def _is_record_file(path: Path | str) -> bool:
+    return str(path).lower().endswith(RECORD_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(RECORD_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _open_binary(file: str | Path) -> Any:
+    if "://" in str(file):
+        import fsspec
+
+        return fsspec.open(str(file), "rb").open()
+    return open(file, "rb")
+
+
+def _iter_record_file(file: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of a jsonl / json / parquet file (local or ``hf://``), streamed; bad JSON or UTF-8 names the line."""
+    name = str(file).lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with _open_binary(file) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=64):
+                yield from batch.to_pylist()
+        return
+    with _open_binary(file) as raw:
+        binary = gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw
+        if name.endswith((".json", ".json.gz")):
+            head = binary.read(1)
+            while head and head.isspace():
+                head = binary.read(1)
+            if head == b"[":  # a JSON array of records
+                yield from json.loads(_decode(head + binary.read(), file, 1))
+                return
+            binary = io.BufferedReader(io.BytesIO(head + binary.read())) if head else binary
+        for number, line in enumerate(binary, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(_decode(line, file, number))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{file}, line {number}: not valid JSON ({error.msg})") from error
+
+
+def _decode(data: bytes, file: str | Path, line: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{file}, line {line}: not UTF-8 ({error.reason} at byte {error.start} of the line); "
+                         "fix or remove that line, or convert the file to UTF-8") from error
+
+
+def _records_to_documents(rows: Iterator[dict[str, Any]], source: SourceConfig, default_category: str,
+                          id_prefix: str, where: str, first_index: int = 0) -> Iterator[dict[str, Any]]:
+    for row_index, row in enumerate(rows, start=first_index):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{where}: row {row_index} is not a JSON object but {type(row).__name__}")
+        token_ids = None
+        if source.text_column not in row:
+            if row.get(V.INPUT_IDS) is None:
+                raise ValueError(
+                    f"{where}: row {row_index} has no text column {source.text_column!r} (set text_column in the "
+                    f"source) and no pre-tokenised {V.INPUT_IDS!r}. Current columns: {sorted(row)}"
+                )
+            token_ids = _token_ids(row[V.INPUT_IDS], where, row_index)
+        text = row.get(source.text_column)
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: row {row_index}, column {source.text_column!r} holds {type(text).__name__}, not text")
+        raw_id = row.get(source.id_column)
+        category = source.category or row.get(source.category_column) or default_category
+        document = {
+            V.ID: str(raw_id) if raw_id is not None else f"{id_prefix}:{row_index}",
+            V.CATEGORY: str(category),
+            V.TEXT: text,
+            V.SOURCE: str(row.get(V.SOURCE) or where),
+            V.LICENSE: row.get(V.LICENSE) if row.get(V.LICENSE) is not None else source.license,
+        }
+        if token_ids is not None:
+            document[V.INPUT_IDS] = token_ids
+        yield document
+
+
+def _token_ids(value: Any, where: str, row: int) -> list[int]:
+    """A pre-tokenised row's ``input_ids``: a list of ints >= 0, else a clear error."""
+    if not isinstance(value, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in value):
+        raise ValueError(f"{where}: row {row}, column {V.INPUT_IDS!r} must be a list of token ids (ints >= 0)")
+    return list(value)
+
+
+def _read_text_file(path: Path, doc_id: str, category: str, source: SourceConfig) -> dict[str, Any] | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        logger.warning("Skipped %s: not UTF-8 text", path)
+        return None
+    return {V.ID: doc_id, V.CATEGORY: category, V.TEXT: text, V.SOURCE: str(path), V.LICENSE: source.license}
