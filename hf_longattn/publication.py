@@ -109,8 +109,10 @@ class ExportWriter:
         self.rows: dict[tuple[str, str], int] = {}
 
     def write(self, config: str, split: str, part: int, table: Any) -> None:
-        """Write one part (nothing for an empty table: :meth:`finish` adds an empty file where a split has none)."""
+        """Write one part atomically (nothing for an empty table: :meth:`finish` adds an empty file where needed)."""
         import pyarrow.parquet as pq
+
+        from .run.storage import atomic_write
 
         key = (config, split)
         self.rows.setdefault(key, 0)
@@ -118,8 +120,41 @@ class ExportWriter:
             return
         directory = _inside(self.folder, f"data/{config}")
         directory.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, _inside(directory, part_name(split, part, self.parts, self.tag)))
+        atomic_write(_inside(directory, part_name(split, part, self.parts, self.tag)),
+                     lambda tmp: pq.write_table(table, tmp))
         self.rows[key] += table.num_rows
+
+    def files(self, config: str = "scored") -> list[Path]:
+        """The part files of one config written so far (by any task), sorted."""
+        return sorted((self.folder / "data" / config).glob(f"*-{self.tag}.parquet"))
+
+    def scan(self) -> ExportWriter:
+        """Count the rows of the parts already in the folder (written by other tasks); returns ``self``."""
+        import pyarrow.parquet as pq
+
+        for config in CONFIGS:
+            for path in self.files(config):
+                split = path.name.rsplit("-", 4)[0]
+                self.rows[(config, split)] = self.rows.get((config, split), 0) + pq.read_metadata(path).num_rows
+        return self
+
+    def schema(self) -> Any:
+        """The Arrow schema of the parts (of the first scored one)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(self.files()[0])
+
+    def licenses(self) -> dict[str, list[str]]:
+        """Category → the distinct licenses of its exported rows (read from the scored parts)."""
+        import pyarrow.parquet as pq
+
+        found: dict[str, set[str]] = {}
+        for path in self.files():
+            table = pq.read_table(path, columns=[V.CATEGORY, V.LICENSE])
+            for category, license_name in zip(table.column(V.CATEGORY).to_pylist(), table.column(V.LICENSE).to_pylist()):
+                if license_name:
+                    found.setdefault(category, set()).add(license_name)
+        return {category: sorted(names) for category, names in found.items()}
 
     def finish(self, splits: list[str], schema: Any) -> tuple[dict[str, list[dict[str, str]]], list[str]]:
         """Give every split of every config at least one (possibly empty) file; return the card's data files and
@@ -321,15 +356,15 @@ def _keep_other_files(folder: Path, building: Path) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name in ("README.md", "plots") or entry.is_symlink():
+        if entry.name in ("README.md", "plots", "hf_longattn_export.json") or entry.is_symlink():
             continue
         if entry.name == "data" and entry.is_dir():
             for sub in entry.iterdir():
                 if sub.name not in ("scored", "filtered") and not sub.is_symlink():
                     (building / "data").mkdir(exist_ok=True)
                     _copy(sub, building / "data" / sub.name)
-            continue
-        _copy(entry, building / entry.name)
+        elif not (building / entry.name).exists():
+            _copy(entry, building / entry.name)
 
 
 def _copy(source: Path, target: Path) -> None:

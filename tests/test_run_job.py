@@ -83,6 +83,7 @@ def test_relaunch_reuses_everything_and_reselects(finished_run):
     for row in reselected["categories"].values():
         assert row["kept"] == math.floor(0.5 * row["scored_ok"])
     assert {p.name: p.stat().st_mtime_ns for p in scores.iterdir()} == before
+    LongAttnPipeline(config, progress=False).select()  # the shared run back to its own selection
 
 
 @pytest.mark.parametrize(("change", "named"), [({"window_size": 32}, "window_size"), ({"chunk_size": 3}, "chunk_size"),

@@ -68,14 +68,18 @@ def test_a_full_disk_in_the_windows_step_stops_clearly_and_the_relaunch_finishes
     assert main(["run", "--config", str(path), "--no-progress"]) == 0
 
 
-def test_a_full_disk_in_the_export_keeps_the_previous_export_whole(finished_run, monkeypatch, capsys):
+def test_a_full_disk_in_the_export_keeps_the_previous_export_whole(finished_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
     config, _ = finished_run
+    shutil.copytree(config.output_dir, tmp_path / "out")
+    config = config.replace(output_dir=str(tmp_path / "out"))
     hub = Path(config.output_dir) / "hub"
     before = sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*"))
     real = storage.os.replace
 
     def full(source, target):
-        if Path(target) == hub and Path(source).name.startswith(".hub.tmp-"):  # the new export going into place
+        if Path(target) == hub and Path(source).name.startswith(".hub.building-"):  # the new export going into place
             raise OSError(errno.ENOSPC, "No space left on device", str(target))
         return real(source, target)
 
@@ -85,7 +89,9 @@ def test_a_full_disk_in_the_export_keeps_the_previous_export_whole(finished_run,
     assert main(["export", "--config", str(path), "--no-progress"]) == 2
     assert "(ENOSPC)" in capsys.readouterr().err
     assert sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*")) == before  # the old export, whole
-    assert not [p for p in hub.parent.iterdir() if p.name.startswith(".hub.")]
+    monkeypatch.undo()
+    assert main(["export", "--config", str(path), "--no-progress"]) == 0  # space freed: the export completes
+    assert not [p for p in hub.parent.iterdir() if p.name.startswith(".hub.")]  # no work folder left behind
 
 
 @pytest.mark.parametrize("name", ["hub", "scores"])

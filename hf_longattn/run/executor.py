@@ -69,6 +69,26 @@ class LocalExecutor(Executor):
     """One process: rank 0 of 1; barriers and broadcasts are no-ops."""
 
 
+class TaskExecutor(Executor):
+    """Task ``rank`` of ``world_size`` started by another engine (datatrove, Ray): no collectives, no barrier.
+
+    Its units are assigned statically (unit ``i`` to task ``i % world_size``); the engine runs the
+    stages one after the other.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: str | None = None) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
+        self.rank, self.world_size, self._device = rank, world_size, device
+
+    @property
+    def device(self) -> str:
+        return self._device or super().device
+
+    def barrier(self) -> None:
+        raise RuntimeError("tasks of another engine cannot wait for each other: run the stages one after the other")
+
+
 class AccelerateExecutor(Executor):
     """The processes of ``accelerate launch`` / ``torchrun``, through `accelerate.PartialState`."""
 

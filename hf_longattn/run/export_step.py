@@ -7,6 +7,8 @@ changed; the card's numbers are those of ``summary.json`` (`hf_longattn.counts`)
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,36 +46,101 @@ def export_tag(run: Run) -> str:
 
 
 def _export(run: Run) -> Path:
-    """Decode and write every windows shard's rows (scored and filtered) by split, then plots and card; atomically."""
+    """Write every windows shard's parts, then the card and plots, and swap the folder in: nothing partial."""
+    shards = run.windows_stats()["shards"]
+    export_shards(run, range(len(shards)))
+    return finish_export_folder(run)
+
+
+def building_folder(run: Run) -> Path:
+    """Where the export is assembled before it replaces ``hub/`` (named after its tag, so a relaunch resumes it)."""
+    return run.folder.root / f".hub.building-{export_tag(run)}"
+
+
+def export_shards(run: Run, indices: Iterable[int]) -> None:
+    """Write the parts of some windows shards: their kept windows with decoded text and selection columns, by split.
+
+    Part ``i`` of every (config, split) holds the rows of windows shard ``i``, so any task may
+    write any shard and the file names do not depend on how the work was split.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from ..publication import ExportWriter, category_row, check_export_folder, finish_export, split_names
-    from .storage import atomic_folder, atomic_write_json
+    from ..publication import ExportWriter, check_export_folder, split_names
+    from .windows_step import kept_mask
+
+    stats = run.windows_stats()
+    selection = pq.read_table(run.folder.selection)
+    mapping = split_names(sorted(stats["categories"]))
+    check_export_folder(run.folder.hub, overwrite=True)
+    building = building_folder(run)
+    writer = ExportWriter(building, export_tag(run), len(stats["shards"]))
+    offsets = [0]
+    for shard in stats["shards"]:
+        offsets.append(offsets[-1] + shard["kept"])
+    for index in indices:
+        shard = stats["shards"][index]
+        windows = pq.read_table(run.folder.windows / f"{shard['name']}.parquet")
+        if stats["cap"]:
+            windows = windows.filter(pa.array(kept_mask(windows.column(V.ID).to_pylist(),
+                                                        windows.column(V.CATEGORY).to_pylist(), stats["cap"])))
+        rows = selection.slice(offsets[index], windows.num_rows)
+        if not windows.column(V.ID).equals(rows.column(V.ID)):
+            raise LongAttnError(f"{run.folder.selection} does not match the windows: run the `select` step again")
+        table = _with_text_and_scores(run, windows, rows.drop_columns([V.ID, V.CATEGORY]))
+        for category, split in mapping.items():
+            mine = table.filter(pc.equal(table.column(V.CATEGORY), category))
+            writer.write("scored", split, index, mine)
+            writer.write("filtered", split, index, mine.filter(pc.fill_null(mine.column(V.SELECTED), False)))
+
+
+def _with_text_and_scores(run: Run, windows: Any, scores: Any) -> Any:
+    """The windows with ``text`` (decoded now: only exported windows are ever decoded) and the selection columns."""
+    import pyarrow as pa
+
+    text = run.scorer.tokenizer.batch_decode(windows.column(V.INPUT_IDS).to_pylist(), skip_special_tokens=False,
+                                             clean_up_tokenization_spaces=False)
+    table = windows.add_column(windows.schema.get_field_index(V.WINDOW_HASH) + 1, V.TEXT, pa.array(text, pa.string()))
+    for name in scores.column_names:
+        table = table.append_column(name, scores.column(name))
+    return table
+
+
+def finish_export_folder(run: Run) -> Path:
+    """Card, plots and the export record on the assembled parts, then swap them in as ``hub/`` (main process / one task)."""
+    import pyarrow.parquet as pq
+
+    from ..publication import ExportWriter, _keep_other_files, category_row, finish_export, split_names
+    from .storage import atomic_write_json, replace_folder
 
     selection = pq.read_table(run.folder.selection)
     run_summary = summary(run, selection)
     mapping = split_names(sorted(run_summary["categories"]))
-    tag, folder = export_tag(run), run.folder.hub
-    check_export_folder(folder, overwrite=True)
-    with atomic_folder(folder) as building:
-        writer = ExportWriter(building, tag, len(run.windows_stats()["shards"]))
-        licenses, schema = _write_shard_parts(run, selection, mapping, writer)
-        data_files, empty = writer.finish(list(mapping.values()), schema)
-        rows, quantiles, splits = [], [], {}
-        for category, split in mapping.items():
-            table = selection.filter(pc_equal(selection, category))
-            row, quantile = category_row(category, split, table, run_summary["categories"][category])
-            row.licenses = sorted(licenses.get(category, set()))
-            rows.append(row)
-            quantiles += quantile
-            splits[split] = _as_dataset(table)
-        finish_export(building, card_metadata(run, run_summary), splits, rows, quantiles, schema.names, data_files,
-                      empty, plots=_can_plot(), repo_id=run.config.push_to_hub, license=run.config.license,
-                      pretty_name=run.config.pretty_name, tag=tag)
-        atomic_write_json(building / EXPORT_RECORD, {"tag": tag, "selection": sha256_file(run.folder.selection),
-                                                     "windows": run.windows_stats()["digest"]})
-    run.print(f"[export] Hub-ready dataset folder: {folder} (load_dataset({str(folder)!r}, 'filtered'))")
-    return folder
+    building, tag = building_folder(run), export_tag(run)
+    writer = ExportWriter(building, tag, len(run.windows_stats()["shards"])).scan()
+    schema = writer.schema()
+    data_files, empty = writer.finish(list(mapping.values()), schema)
+    licenses = writer.licenses()
+    rows, quantiles, splits = [], [], {}
+    for category, split in mapping.items():
+        table = selection.filter(pc_equal(selection, category))
+        row, quantile = category_row(category, split, table, run_summary["categories"][category])
+        row.licenses = licenses.get(category, [])
+        rows.append(row)
+        quantiles += quantile
+        splits[split] = _as_dataset(table)
+    finish_export(building, card_metadata(run, run_summary), splits, rows, quantiles, schema.names, data_files, empty,
+                  plots=_can_plot(), repo_id=run.config.push_to_hub, license=run.config.license,
+                  pretty_name=run.config.pretty_name, tag=tag)
+    _keep_other_files(run.folder.hub, building)
+    atomic_write_json(building / EXPORT_RECORD, {"tag": tag, "selection": sha256_file(run.folder.selection),
+                                                 "windows": run.windows_stats()["digest"]})
+    replace_folder(building, run.folder.hub)
+    for stale in run.folder.root.glob(".hub.building-*"):  # exports of earlier selections, never finished
+        shutil.rmtree(stale, ignore_errors=True)
+    run.print(f"[export] Hub-ready dataset folder: {run.folder.hub} (load_dataset({str(run.folder.hub)!r}, 'filtered'))")
+    return run.folder.hub
 
 
 def pc_equal(table: Any, category: str) -> Any:
@@ -86,40 +153,6 @@ def _as_dataset(table: Any) -> Any:
     from datasets import Dataset
 
     return Dataset(table)
-
-
-def _write_shard_parts(run: Run, selection: Any, mapping: dict[str, str], writer: Any) -> tuple[dict[str, set], Any]:
-    """For each windows shard: its kept windows with decoded text and their selection columns, written by split."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from .windows_step import kept_mask
-
-    stats, tokenizer = run.windows_stats(), run.scorer.tokenizer
-    offset, licenses, schema = 0, {}, None
-    scores = selection.drop_columns([V.ID, V.CATEGORY])
-    for part, shard in enumerate(stats["shards"]):
-        windows = pq.read_table(run.folder.windows / f"{shard['name']}.parquet")
-        if stats["cap"]:
-            windows = windows.filter(pa.array(kept_mask(windows.column(V.ID).to_pylist(),
-                                                        windows.column(V.CATEGORY).to_pylist(), stats["cap"])))
-        rows = scores.slice(offset, windows.num_rows)
-        if not windows.column(V.ID).equals(selection.column(V.ID).slice(offset, windows.num_rows)):
-            raise LongAttnError(f"{run.folder.selection} does not match the windows: run the `select` step again")
-        offset += windows.num_rows
-        text = tokenizer.batch_decode(windows.column(V.INPUT_IDS).to_pylist(), skip_special_tokens=False,
-                                      clean_up_tokenization_spaces=False)
-        table = windows.add_column(windows.schema.get_field_index(V.WINDOW_HASH) + 1, V.TEXT, pa.array(text, pa.string()))
-        for name in rows.column_names:
-            table = table.append_column(name, rows.column(name))
-        schema = table.schema
-        for category, split in mapping.items():
-            mine = table.filter(pc.equal(table.column(V.CATEGORY), category))
-            licenses.setdefault(category, set()).update(v for v in mine.column(V.LICENSE).to_pylist() if v)
-            writer.write("scored", split, part, mine)
-            writer.write("filtered", split, part, mine.filter(pc.fill_null(mine.column(V.SELECTED), False)))
-    return licenses, schema
 
 
 def _can_plot() -> bool:

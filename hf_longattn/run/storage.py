@@ -132,6 +132,16 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def replace_folder(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished folder ``new`` at ``path`` in one rename; what was there is removed after (restored on failure)."""
+    new, path = Path(new), Path(path)
+    previous = path.with_name(f".{path.name}.old-{os.getpid()}")
+    with storage_errors(path):
+        _swap(new, path, previous)
+    shutil.rmtree(previous, ignore_errors=True)
+    fsync_dir(path.parent)
+
+
 def _swap(new: Path, path: Path, previous: Path) -> None:
     """Put folder ``new`` at ``path``; the folder there before goes to ``previous``, and comes back if this fails."""
     moved = path.exists()

@@ -53,7 +53,8 @@ def prepare(run: Run) -> None:
                            remedy="delete it if the folder holds nothing else of value, or use another output_dir")
         if stored.get("fingerprint") != ours["fingerprint"]:
             old, new = stored.get("config", {}), ours["config"]
-            changed = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in new if old.get(key) != new.get(key)]
+            changed = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in dict.fromkeys([*new, *old])
+                       if old.get(key) != new.get(key)]
             raise LongAttnError(
                 f"{folder.root} holds windows/scores of a different configuration "
                 f"(changed: {'; '.join(changed) or 'unknown'}). Mixing them would corrupt the result: "
@@ -96,11 +97,9 @@ def build_windows(run: Run) -> None:
     A relaunch checks every existing shard against its recorded sha256 (the processes share that
     too) and rebuilds what changed or is damaged; unchanged shards are reused.
     """
-    from ..shards import manifest, manifest_changes, plan_input_shards
+    from ..shards import manifest_changes
 
-    plan = plan_input_shards(run.config.sources)
-    identity = windows_identity(run)
-    names = [shard_name(shard.identity, identity) for shard in plan]
+    plan, names, identity = windows_plan(run)
     recorded = read_json(run.folder.windows_stats, what="windows statistics", remedy=f"delete {run.folder.windows} "
                          "and relaunch") if run.folder.windows_stats.is_file() else None
     same_plan = recorded is not None and recorded.get("identity") == identity \
@@ -111,7 +110,7 @@ def build_windows(run: Run) -> None:
                   f"{'; …' if len(changes) > 5 else ''}): windowing what changed; scores of unchanged windows are reused")
     run.folder.windows.mkdir(parents=True, exist_ok=True)
     rank, world = run.executor.rank, run.executor.world_size
-    damaged = [i for i in range(rank, len(plan), world) if not _shard_is_valid(run, names[i], plan[i], identity)]
+    damaged = [i for i in range(rank, len(plan), world) if not shard_is_valid(run, names[i], plan[i], identity)]
     for index in damaged:  # gone before anyone decides what to build
         (run.folder.windows / f"{names[index]}.json").unlink(missing_ok=True)
     if run.is_main:
@@ -123,31 +122,47 @@ def build_windows(run: Run) -> None:
         return
     run.timed("windows", lambda: _window_claimed_shards(run, plan, names, identity, todo))
     run.executor.barrier()
-    run.executor.run_on_main(lambda: _write_stats(run, plan, names, identity, manifest(plan)))
+    run.executor.run_on_main(lambda: write_stats(run, plan, names, identity))
+
+
+def windows_plan(run: Run) -> tuple[list, list[str], str]:
+    """The input shards, the names of their windows shards, and the windows identity."""
+    from ..shards import plan_input_shards
+
+    plan = plan_input_shards(run.config.sources)
+    identity = windows_identity(run)
+    return plan, [shard_name(shard.identity, identity) for shard in plan], identity
 
 
 def _window_claimed_shards(run: Run, plan: list, names: list[str], identity: str, todo: list[int]) -> None:
-    from ..shards import read_shard
-    from .units import window_shard
+    folder, executor = run.folder.windows, run.executor
 
-    folder = run.folder.windows
-    executor = run.executor
     def done(index: int) -> bool:
         return (folder / f"{names[index]}.json").is_file()
 
     for index in claimed(todo, lambda i: folder / f"{names[i]}.claim", run.launch, executor.rank, executor.world_size,
                          done):
-        shard = plan[index]
-        print(f"[windows] rank {executor.rank}: windowing {shard.name}", flush=True)
-        record = window_shard(read_shard(run.config.sources, shard), run.scorer.tokenizer,
-                              folder / f"{names[index]}.parquet", window_size=run.config.window_size,
-                              faithful=run.config.faithful, row_group_rows=run.config.chunk_size)
-        atomic_write_json(folder / f"{names[index]}.json", {"input": shard.name, "input_identity": shard.identity,
-                                                             "identity": identity, **record})
+        window_one_shard(run, plan[index], names[index], identity)
         release_claim(folder / f"{names[index]}.claim")
 
 
-def _shard_is_valid(run: Run, name: str, shard: Any, identity: str) -> bool:
+def window_one_shard(run: Run, shard: Any, name: str, identity: str) -> dict[str, Any]:
+    """Window one input shard into ``windows/<name>.parquet`` and its record ``<name>.json`` (written last)."""
+    from ..shards import read_shard
+    from .units import window_shard
+
+    folder = run.folder.windows
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"[windows] rank {run.executor.rank}: windowing {shard.name}", flush=True)
+    record = window_shard(read_shard(run.config.sources, shard), run.scorer.tokenizer, folder / f"{name}.parquet",
+                          window_size=run.config.window_size, faithful=run.config.faithful,
+                          row_group_rows=run.config.chunk_size)
+    record = {"input": shard.name, "input_identity": shard.identity, "identity": identity, **record}
+    atomic_write_json(folder / f"{name}.json", record)
+    return record
+
+
+def shard_is_valid(run: Run, name: str, shard: Any, identity: str) -> bool:
     """A shard is reused when its record matches its input and the windows identity, and its file its sha256."""
     folder = run.folder.windows
     record_path, parquet = folder / f"{name}.json", folder / f"{name}.parquet"
@@ -165,9 +180,15 @@ def _shard_is_valid(run: Run, name: str, shard: Any, identity: str) -> bool:
     return True
 
 
-def _write_stats(run: Run, plan: list, names: list[str], identity: str, manifest: list) -> None:
+def write_stats(run: Run, plan: list, names: list[str], identity: str) -> None:
     """Main process: gather the shard records, check ids and categories, cap, and write ``windows_stats.json``."""
+    from ..shards import manifest
+
     folder = run.folder.windows
+    missing = [shard.name for shard, name in zip(plan, names) if not (folder / f"{name}.json").is_file()]
+    if missing:
+        raise LongAttnError(f"{len(missing)} input shard(s) have no windows yet, e.g. {missing[:3]}: run the windows "
+                            "stage (again) to finish them")
     records = [read_json(folder / f"{name}.json", what="a windows shard record",
                          remedy=f"delete {folder / name}.* and relaunch") for name in names]
     ids, categories, keys = _window_keys(run, names)
@@ -196,7 +217,7 @@ def _write_stats(run: Run, plan: list, names: list[str], identity: str, manifest
     digest = hashlib.sha256(json.dumps([shards, cap], sort_keys=True).encode()).hexdigest()
     atomic_write_json(run.folder.windows_stats, {
         "format": STATS_FORMAT, "identity": identity, "window_size": run.config.window_size,
-        "faithful": run.config.faithful, "digest": digest, "manifest": manifest, "shards": shards, "cap": cap,
+        "faithful": run.config.faithful, "digest": digest, "manifest": manifest(plan), "shards": shards, "cap": cap,
         "categories": stats, "total": totals})
     _remove_unlisted_shards(run, names)
     atomic_write_json(run.folder.fingerprint, run.fingerprint)  # the folder now holds results of this configuration

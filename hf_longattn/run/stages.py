@@ -1,0 +1,107 @@
+"""The job as stages of independent tasks for other engines (datatrove, Ray): each a function of (config, rank, world size).
+
+Run the stages in this order, each after every task of the one before has finished; a stage
+relaunched after a crash redoes only what has no valid completion record:
+
+=========  =================================================  ======================================
+stage      each task                                          writes
+=========  =================================================  ======================================
+windows    windows the input shards ``i ≡ rank (mod world)``  ``windows/shard-*.parquet`` + ``.json``
+plan       (one task) counts, cap, chunk plan                 ``windows_stats.json``, ``scores/plan.json``
+score      scores the chunks ``j ≡ rank (mod world)``          ``scores/chunk-*.parquet`` + ``.done``
+fit        (one task) merges, fits the selector, summarises   ``selection.parquet``, ``selector.json``, ``summary.json``
+export     decodes and writes the parts of shards ``i ≡ rank``  ``.hub.building-<tag>/data/*``
+finish     (one task) card and plots; swaps in ``hub/``; push  ``hub/``
+=========  =================================================  ======================================
+
+The output is the run folder of ``hf-longattn run`` (`hf_longattn.run.layout`), with the same
+file names, so runs on different engines can be compared file by file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from . import export_step, score_step, select_step, windows_step
+from .context import Run
+from .executor import TaskExecutor
+from .storage import atomic_write_json, read_json
+
+STAGES = ("windows", "plan", "score", "fit", "export", "finish")
+
+
+def task_run(config: RunConfig | dict | str, rank: int = 0, world_size: int = 1, device: str | None = None) -> Run:
+    """The `Run` of one task: ``config`` (a `RunConfig`, its dict or a YAML path), task ``rank`` of ``world_size``."""
+    if isinstance(config, (str, Path)):
+        config = RunConfig.from_yaml(config)
+    elif isinstance(config, dict):
+        config = RunConfig.from_dict(config)
+    return Run(config, TaskExecutor(rank, world_size, device), progress=False)
+
+
+def windows_stage(config: Any, rank: int = 0, world_size: int = 1) -> dict[str, int]:
+    """Window this task's input shards (those not done and checked); returns what it did."""
+    run = task_run(config, rank, world_size)
+    windows_step.prepare(run)
+    plan, names, identity = windows_step.windows_plan(run)
+    done = built = 0
+    for index in range(rank, len(plan), world_size):
+        if windows_step.shard_is_valid(run, names[index], plan[index], identity):
+            done += 1
+            continue
+        windows_step.window_one_shard(run, plan[index], names[index], identity)
+        built += 1
+    return {"input_shards": done + built, "input_shards_built": built}
+
+
+def plan_stage(config: Any) -> dict[str, int]:
+    """One task: write the windows statistics and the chunk plan (every windows task must have finished)."""
+    run = task_run(config)
+    windows_step.prepare(run)
+    plan, names, identity = windows_step.windows_plan(run)
+    recorded = read_json(run.folder.windows_stats) if run.folder.windows_stats.is_file() else {}
+    if recorded.get("identity") != identity or [s["name"] for s in recorded.get("shards", [])] != names:
+        windows_step.write_stats(run, plan, names, identity)
+    chunks = score_step.plan_chunks(run)
+    return {"windows": run.windows_stats()["total"]["windows"], "chunks": len(chunks["chunks"])}
+
+
+def score_stage(config: Any, rank: int = 0, world_size: int = 1, device: str | None = None) -> dict[str, int]:
+    """Score this task's chunks (``j ≡ rank``) that have no valid marker; resumable chunk by chunk."""
+    run = task_run(config, rank, world_size, device)
+    plan = read_json(run.folder.scores / score_step.PLAN_FILE, what="the chunk plan", remedy="run the plan stage")
+    fingerprint = run.fingerprint["fingerprint"]
+    todo = [j for j in range(rank, len(plan["chunks"]), world_size)
+            if score_step.check_chunk(run.folder.scores, j, plan["chunks"][j]["rows"], fingerprint,
+                                      plan["chunks"][j]["digest"]) is not None]
+    reuse = score_step._reuse_index(run) if todo else {}
+    windows = 0
+    for index in todo:
+        score_step._score_one(run, index, plan["chunks"][index], reuse, lambda n: None)
+        windows += plan["chunks"][index]["rows"]
+    return {"chunks": len(todo), "windows_scored": windows}
+
+
+def fit_stage(config: Any) -> dict[str, Any]:
+    """One task: merge the chunks, fit the selector per category, write the selection and ``summary.json``."""
+    return select_step.select(task_run(config))
+
+
+def export_stage(config: Any, rank: int = 0, world_size: int = 1) -> dict[str, int]:
+    """Write the export parts of this task's windows shards (``i ≡ rank``) into the building folder."""
+    run = task_run(config, rank, world_size)
+    shards = range(rank, len(run.windows_stats()["shards"]), world_size)
+    export_step.export_shards(run, shards)
+    return {"windows_shards": len(shards)}
+
+
+def finish_stage(config: Any) -> Path:
+    """One task: card and plots, ``hub/`` swapped in, ``summary.json`` rewritten; then the push when configured."""
+    run = task_run(config)
+    folder = export_step.finish_export_folder(run)
+    atomic_write_json(run.folder.summary, select_step.summary(run))
+    if run.config.push_to_hub:
+        export_step.push(run)
+    return folder
