@@ -340,3 +340,31 @@ def _tiny_scores():
 
     return pa.table({"id": ["a", "b", "c"], "category": ["x"] * 3, "longattn_ds": [0.1, 0.3, 0.2],
             "longattn_du": [-1.0, -2.0, -3.0], "longattn_status": ["ok"] * 3})
+
+
+def test_fitting_from_many_score_files_equals_fitting_the_merged_table(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(7)
+    n = 500
+    table = pa.table({
+        "id": [f"doc{i // 7}/w{i % 7:05d}" for i in range(n)],
+        "category": rng.choice(["book", "code", "arxiv"], n).tolist(),
+        "longattn_ds": rng.uniform(0.1, 0.6, n).tolist(),
+        "longattn_du": (-rng.uniform(1e-7, 1e-5, n)).tolist(),
+        "longattn_status": rng.choice(["ok"] * 9 + ["oom"], n).tolist(),
+        "longattn_num_tokens": [64] * n,  # a column the fit does not read
+    })
+    paths = []
+    for number, start in enumerate(range(0, n, 37)):
+        paths.append(tmp_path / f"chunk-{number:06d}.parquet")
+        pq.write_table(table.slice(start, 37), paths[-1])
+    for method in ("lds", "random"):
+        merged = LongAttnSelector(keep_fraction=0.125, method=method).fit(table)
+        files = LongAttnSelector(keep_fraction=0.125, method=method).fit_files(paths)
+        shuffled = LongAttnSelector(keep_fraction=0.125, method=method).fit_files(paths[::-1])
+        assert files.to_dict() == merged.to_dict() == shuffled.to_dict()
+    with pytest.raises(ValueError, match=r"\['longattn_status'\] not in the score files"):
+        LongAttnSelector().fit_files([pq.write_table(table.drop_columns(["longattn_status"]), tmp_path / "x.parquet")
+                                      or tmp_path / "x.parquet"])

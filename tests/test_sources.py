@@ -8,6 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pathlib import Path
 
 from hf_longattn.sources import SourceConfig, iter_documents, pydoc_documents, read_sources, stdlib_documents
 
@@ -61,3 +62,47 @@ def test_embedded_corpus_is_python_code_and_docs():
 
 
 # -- the pipeline, end to end ------------------------------------------------------------------------------
+
+
+def test_a_hub_dataset_is_read_file_by_file_with_stable_ids(tmp_path):
+    """A `hub:` source is split into its data files (as `datasets` resolves them) and each is streamed on its own."""
+    from hf_longattn.shards import plan_input_shards, read_shard
+
+    folder = tmp_path / "my-dataset"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": ["a b c", "d e"]}), folder / "data" / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": ["f g"]}), folder / "data" / "train-00001-of-00002.parquet")
+    sources = [SourceConfig(hub=str(folder))]
+    plan = plan_input_shards(sources)
+    assert [Path(s.name).name for s in plan] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    second = list(read_shard(sources, plan[1]))  # any task can read any shard alone: ids do not depend on order
+    assert [(d["id"], d["category"]) for d in second] == [(f"{folder}:train:train-00001-of-00002:0", "my-dataset")]
+    assert list(iter_documents(SourceConfig(hub=str(folder), limit=2)))[-1]["text"] == "d e"
+
+
+def test_remote_files_are_streamed_through_fsspec(monkeypatch):
+    """A data file behind a URL (``hf://…`` on the Hub; ``memory://`` here) is read through fsspec, never copied whole."""
+    import fsspec
+
+    from hf_longattn import shards
+
+    with fsspec.open("memory://repo@abc123/data/train.jsonl", "wb") as handle:
+        handle.write(b'{"id": "r1", "text": "remote text"}\n{"id": "r2", "text": "more"}\n')
+    monkeypatch.setattr(shards, "_hub_files", lambda source: ["memory://repo@abc123/data/train.jsonl"])
+    sources = [SourceConfig(hub="org/repo", category="web")]
+    plan = shards.plan_input_shards(sources)
+    assert plan[0].identity.startswith("memory://repo@abc123/data/train.jsonl")  # the commit is its identity
+    assert [d["id"] for d in shards.read_shard(sources, plan[0])] == ["r1", "r2"]
+
+
+def test_changes_between_two_manifests_are_named(tmp_path):
+    from hf_longattn.shards import manifest, manifest_changes, plan_input_shards
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": name, "text": "x"}) + "\n")
+    before = manifest(plan_input_shards([SourceConfig(path=str(tmp_path))]))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": "a", "text": "changed"}) + "\n")
+    (tmp_path / "b.jsonl").unlink()
+    (tmp_path / "c.jsonl").write_text(json.dumps({"id": "c", "text": "new"}) + "\n")
+    changes = manifest_changes(before, plan_input_shards([SourceConfig(path=str(tmp_path))]))
+    assert changes == [f"added {tmp_path / 'c.jsonl'}", f"removed {tmp_path / 'b.jsonl'}", f"changed {tmp_path / 'a.jsonl'}"]

@@ -185,26 +185,24 @@ def _score_one(run: Run, index: int, chunk: dict[str, Any], reuse: dict[str, Any
 
 
 def _assemble(windows: Any, scored: Any, missing: list[int], known: list, reuse: dict[str, Any], features: Any) -> Any:
-    """The chunk's rows in order: ``id``, ``window_hash``, then the score columns (scored now or reused)."""
+    """The chunk's rows in order: ``id``, ``category``, ``window_hash``, then the score columns (scored now or reused)."""
     import pyarrow as pa
 
     names = list(features)
-    fresh = iter(range(len(missing)))
-    rows = []
-    for position, row in enumerate(known):
-        if row is None:
-            rows.append(("fresh", next(fresh)))
-        else:
-            rows.append(("reuse", row))
-    columns = {}
-    for name in names:
-        values = []
-        for kind, row in rows:
-            source = scored if kind == "fresh" else reuse["table"]
-            values.append(source.column(name)[row].as_py())
-        columns[name] = values
-    schema = pa.schema([pa.field(V.ID, pa.string()), pa.field(V.WINDOW_HASH, pa.string()), *features.arrow_schema])
-    return pa.table({V.ID: windows.column(V.ID), V.WINDOW_HASH: windows.column(V.WINDOW_HASH), **columns}, schema=schema)
+    parts = [scored.select(names)] if scored is not None else []
+    reused = [row for row in known if row is not None]
+    if reused:
+        parts.append(reuse["table"].select(names).take(pa.array(reused, pa.int64())))
+    # Position in `parts` stacked: fresh rows first (in `missing` order), then the reused ones (in chunk order).
+    fresh, copied, order = iter(range(len(missing))), iter(range(len(missing), len(known))), []
+    for row in known:
+        order.append(next(fresh) if row is None else next(copied))
+    scores = pa.concat_tables(parts).take(pa.array(order, pa.int64()))
+    schema = pa.schema([pa.field(V.ID, pa.string()), pa.field(V.CATEGORY, pa.string()),
+                        pa.field(V.WINDOW_HASH, pa.string()), *features.arrow_schema])
+    columns = {name: scores.column(name) for name in names}
+    return pa.table({V.ID: windows.column(V.ID), V.CATEGORY: windows.column(V.CATEGORY),
+                     V.WINDOW_HASH: windows.column(V.WINDOW_HASH), **columns}, schema=schema)
 
 
 def merged_scores(run: Run, windows: Any = None) -> Any:
@@ -236,10 +234,16 @@ def merged_scores(run: Run, windows: Any = None) -> Any:
                             f"{problems[:3]}: run the `score` step (again) to finish them")
     merged = pa.concat_tables(tables)
     reference = load_kept_windows(run, [V.ID, V.CATEGORY])
-    if not merged.column(V.ID).equals(reference.column(V.ID)):
+    if not (merged.column(V.ID).equals(reference.column(V.ID)) and merged.column(V.CATEGORY).equals(reference.column(V.CATEGORY))):
         raise LongAttnError(f"the score chunks do not hold the windows of {run.folder.windows}: delete {scores} and "
                             "run the `score` step again")
-    return merged.add_column(1, V.CATEGORY, reference.column(V.CATEGORY))
+    return merged
+
+
+def chunk_files(run: Run) -> list[Any]:
+    """The score files of every planned chunk, in plan order (for fitting straight from them)."""
+    plan = read_json(run.folder.scores / PLAN_FILE, what="the chunk plan", remedy="run the `score` step")
+    return [run.folder.chunk_parquet(index) for index in range(len(plan["chunks"]))]
 
 
 def load_kept_windows(run: Run, columns: list[str]) -> Any:

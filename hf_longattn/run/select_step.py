@@ -11,7 +11,7 @@ from typing import Any
 from .. import vocabulary as V
 from ..selection import LongAttnSelector
 from .context import STEPS, Run
-from .score_step import merged_scores
+from .score_step import chunk_files, merged_scores
 from .storage import atomic_write, atomic_write_json, read_json
 from .windows_step import prepare
 
@@ -38,8 +38,8 @@ def _select(run: Run) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    scores = merged_scores(run)
-    selector = selector_of(run).fit(scores)
+    scores = merged_scores(run)  # every chunk checked against the windows it must hold
+    selector = selector_of(run).fit_files(chunk_files(run))
     lds: list = []
     selected: list = []
     step = 65536
