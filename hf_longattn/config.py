@@ -60,7 +60,8 @@ class RunConfig:
         output_dir (`str`, defaults to `"longattn-output"`): where the run's files go.
         chunk_size (`int`, defaults to 64): windows per chunk (the unit of work and of resumption).
         batch_size (`int`, defaults to 4): windows per scorer call.
-        num_proc (`int`, *optional*): processes for tokenising and windowing (``datasets.map``).
+        num_proc (`int`, *optional*): worker processes each launch process windows input shards with
+            (tokenising is CPU work: use the cores the GPUs leave idle).
         push_to_hub (`str`, *optional*): dataset repo id to upload the export to.
         private (`bool`, defaults to `False`): create the Hub repo as private.
         commit_message (`str`): the upload's commit message.

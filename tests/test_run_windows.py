@@ -142,3 +142,13 @@ def test_a_failed_run_leaves_nothing_that_blocks_the_corrected_one(tiny_model, t
         run(config)
     assert not (tmp_path / "out" / "fingerprint.json").exists()
     assert sorted(run(config.replace(window_size=64))["categories"]) == list(CATEGORIES)
+
+
+def test_worker_processes_window_the_same_shards(finished_run, tmp_path):
+    """``num_proc`` worker processes (spawned) give byte-identical windows shards."""
+    config, _ = finished_run
+    parallel = config.replace(output_dir=str(tmp_path / "parallel"), num_proc=2)
+    LongAttnPipeline(parallel, progress=False).windows()
+    ours = json.loads((tmp_path / "parallel" / "windows" / "windows_stats.json").read_text())["shards"]
+    theirs = json.loads((Path(config.output_dir) / "windows" / "windows_stats.json").read_text())["shards"]
+    assert [(s["name"], s["sha256"]) for s in ours] == [(s["name"], s["sha256"]) for s in theirs]

@@ -135,15 +135,41 @@ def windows_plan(run: Run) -> tuple[list, list[str], str]:
 
 
 def _window_claimed_shards(run: Run, plan: list, names: list[str], identity: str, todo: list[int]) -> None:
+    """Claim input shards one after the other and window them: here, or in ``num_proc`` worker processes at once."""
     folder, executor = run.folder.windows, run.executor
 
     def done(index: int) -> bool:
         return (folder / f"{names[index]}.json").is_file()
 
-    for index in claimed(todo, lambda i: folder / f"{names[i]}.claim", run.launch, executor.rank, executor.world_size,
-                         done):
-        window_one_shard(run, plan[index], names[index], identity)
-        release_claim(folder / f"{names[index]}.claim")
+    shards = claimed(todo, lambda i: folder / f"{names[i]}.claim", run.launch, executor.rank, executor.world_size, done)
+    if not run.config.num_proc or run.config.num_proc == 1:
+        for index in shards:
+            window_one_shard(run, plan[index], names[index], identity)
+            release_claim(folder / f"{names[index]}.claim")
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # a forked worker deadlocks in torch's thread pool
+    with concurrent.futures.ProcessPoolExecutor(run.config.num_proc, mp_context=context) as pool:
+        running: dict[Any, int] = {}
+        for index in shards:  # at most num_proc claimed shards in flight
+            running[pool.submit(_window_in_worker, run.config.to_dict(), plan[index], names[index], identity)] = index
+            while len(running) >= run.config.num_proc or (running and index == todo[-1]):
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    future.result()  # a worker's error stops the step, clearly, on this process
+                    release_claim(folder / f"{names[running.pop(future)]}.claim")
+        for future in concurrent.futures.as_completed(list(running)):
+            future.result()
+            release_claim(folder / f"{names[running.pop(future)]}.claim")
+
+
+def _window_in_worker(config: dict[str, Any], shard: Any, name: str, identity: str) -> dict[str, Any]:
+    from ..config import RunConfig
+    from .executor import TaskExecutor
+
+    return window_one_shard(Run(RunConfig.from_dict(config), TaskExecutor(), progress=False), shard, name, identity)
 
 
 def window_one_shard(run: Run, shard: Any, name: str, identity: str) -> dict[str, Any]:
