@@ -197,6 +197,17 @@ def config_from_args(args: argparse.Namespace):
     return RunConfig.from_yaml(args.config, overrides)
 
 
+def _no_progress_bars() -> None:
+    """Silence the progress bars of datasets and huggingface_hub too (here, and in processes started from here)."""
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import datasets
+    import huggingface_hub.utils
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", os.environ.get("PMI_RANK", "0"))) == 0
 
@@ -216,9 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if getattr(args, "no_progress", False):  # read by datasets and huggingface_hub when they are imported
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if getattr(args, "no_progress", False):
+        _no_progress_bars()
     logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING, format="%(message)s")
     logging.getLogger("hf_longattn").setLevel(logging.INFO if _is_main_process() else logging.WARNING)
     from .errors import LongAttnError

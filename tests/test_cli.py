@@ -98,8 +98,10 @@ def test_errors_exit_2_with_a_clear_message(tmp_path, capsys, monkeypatch):
 def test_tiny_run_then_reselect_and_export_through_the_cli(tiny_setup, capsys):
     base, config = tiny_setup
     assert main(["run", "--config", str(config), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "LongAttn summary" in printed and "wall time: windows" in printed
+    assert "%|" not in captured.err + printed  # --no-progress: no bar of ours, datasets' or huggingface_hub's
     out = base / "out"
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary["categories"]) == list(CATEGORIES)
