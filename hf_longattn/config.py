@@ -44,7 +44,7 @@ class RunConfig:
         layer (`int`, defaults to 0): decoder layer scored (paper: the first).
         context_length (`int`, *optional*): the longest window the scoring model is trusted with;
             default: the model's context (``max_position_embeddings``, see
-            `hf_longattn.model_loading.model_context`). A ``window_size`` above it is refused before
+            `hf_longattn.model_checks.model_context`). A ``window_size`` above it is refused before
             any work. Set it for a rope-scaled model whose config understates its context.
         alpha (`float`, defaults to 0.5): weight of DU_T in LDS_T.
         normalization (`str`, defaults to `"zscore"`): ``"zscore"`` (paper) or ``"minmax"`` (reference code).

@@ -25,9 +25,9 @@ from .model_loading import (
     load_attention_model,
     load_config,
     load_tokenizer,
-    model_context,
     resolve_source,
 )
+from .model_checks import model_context
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class LongAttnScorer:
 
     @property
     def model_context(self) -> int:
-        """The longest input the model was trained for (`hf_longattn.model_loading.model_context`)."""
+        """The longest input the model was trained for (`hf_longattn.model_checks.model_context`)."""
         return model_context(self.model_config)
 
     @classmethod

@@ -103,7 +103,9 @@ def test_offline_push_refuses_before_any_work(monkeypatch, tiny_model, corpus, t
     assert not out.exists()
 
 
-def test_push_step_uploads_the_export_folder(finished_run, monkeypatch):
+def test_push_step_uploads_the_export_folder(finished_run, monkeypatch, tmp_path):
+    import shutil
+
     import huggingface_hub
 
     from hf_longattn import publication
@@ -113,6 +115,8 @@ def test_push_step_uploads_the_export_folder(finished_run, monkeypatch):
     calls = []
     monkeypatch.setattr(publication, "push_to_hub", lambda *args, **kwargs: calls.append((args, kwargs)) or "url")
     config, _ = finished_run
+    shutil.copytree(config.output_dir, tmp_path / "out")  # the push exports again (the card names the repo)
+    config = config.replace(output_dir=str(tmp_path / "out"))
     assert LongAttnPipeline(config, progress=False).push() is None  # no repo: nothing to do
     pushing = config.replace(push_to_hub="me/longabc-tiny", private=True, commit_message="tiny run")
     assert LongAttnPipeline(pushing, progress=False).push() == "url"

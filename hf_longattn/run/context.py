@@ -94,7 +94,7 @@ class Run:
         """Before any work: the model exists (a clear error for a mistyped name) and takes windows of W tokens."""
         if self._model_checked:
             return
-        from ..model_loading import check_model, check_window_fits
+        from ..model_checks import check_model, check_window_fits
 
         check_window_fits(self.config, check_model(self.config.model, self.config.revision))
         self._model_checked = True

@@ -48,11 +48,12 @@ def plan_chunks(run: Run) -> dict[str, Any]:
     for shard in stats["shards"]:
         table = pq.read_table(run.folder.windows / f"{shard['name']}.parquet", columns=[V.ID, V.CATEGORY, V.WINDOW_HASH])
         ids, hashes = table.column(V.ID).to_pylist(), table.column(V.WINDOW_HASH).to_pylist()
-        rows = kept_mask(ids, table.column(V.CATEGORY).to_pylist(), stats["cap"]).nonzero()[0]
+        categories = table.column(V.CATEGORY).to_pylist()
+        rows = kept_mask(ids, categories, stats["cap"]).nonzero()[0]
         for low in range(0, len(rows), chunk_size):
             part = rows[low:low + chunk_size]
             chunks.append({"shard": shard["name"], "start": int(part[0]), "stop": int(part[-1]) + 1, "rows": len(part),
-                           "digest": digest([ids[r] for r in part], [hashes[r] for r in part])})
+                           "digest": digest(*([column[r] for r in part] for column in (ids, categories, hashes)))})
     plan = {"windows_digest": stats["digest"], "chunk_size": chunk_size, "fingerprint": run.fingerprint["fingerprint"],
             "chunks": chunks}
     scores = run.folder.scores
@@ -121,7 +122,7 @@ def score_claimed_chunks(run: Run) -> None:
                 logger.warning("rank %d: redoing %s: %s", executor.rank, chunk_name(index), reason)
     print(f"[score] rank {executor.rank}/{executor.world_size}: {len(plan['chunks']) - len(todo)} of "
           f"{len(plan['chunks'])} chunks done, {len(todo)} to score (chunk_size={run.config.chunk_size})", flush=True)
-    reuse = _reuse_index(run) if todo else {}
+    reuse = reuse_index(run) if todo else {}
     with tqdm(total=sum(plan["chunks"][i]["rows"] for i in todo), desc=f"Scoring windows (rank {executor.rank})",
               unit="window", position=executor.local_rank, disable=not run.progress) as bar:
         def done(index: int) -> bool:
@@ -130,11 +131,11 @@ def score_claimed_chunks(run: Run) -> None:
 
         for index in claimed(todo, lambda i: scores / f"{chunk_name(i)}.claim", run.launch, executor.rank,
                              executor.world_size, done):
-            _score_one(run, index, plan["chunks"][index], reuse, bar.update)
+            score_one_chunk(run, index, plan["chunks"][index], reuse, bar.update)
             release_claim(scores / f"{chunk_name(index)}.claim")
 
 
-def _reuse_index(run: Run) -> dict[str, Any]:
+def reuse_index(run: Run) -> dict[str, Any]:
     """``window_hash`` → its reusable score row (from ``reuse.parquet``), or empty."""
     import pyarrow.parquet as pq
 
@@ -163,7 +164,8 @@ def chunk_windows(run: Run, chunk: dict[str, Any]) -> Any:
     return table
 
 
-def _score_one(run: Run, index: int, chunk: dict[str, Any], reuse: dict[str, Any], on_batch: Any) -> None:
+def score_one_chunk(run: Run, index: int, chunk: dict[str, Any], reuse: dict[str, Any], on_batch: Any) -> None:
+    """Score chunk ``index`` of the plan (copying reusable rows) and write its parquet and marker atomically."""
     import pyarrow as pa
 
     started = time.perf_counter()

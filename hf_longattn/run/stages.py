@@ -72,16 +72,22 @@ def score_stage(config: Any, rank: int = 0, world_size: int = 1, device: str | N
     """Score this task's chunks (``j ≡ rank``) that have no valid marker; resumable chunk by chunk."""
     run = task_run(config, rank, world_size, device)
     plan = read_json(run.folder.scores / score_step.PLAN_FILE, what="the chunk plan", remedy="run the plan stage")
-    fingerprint = run.fingerprint["fingerprint"]
-    todo = [j for j in range(rank, len(plan["chunks"]), world_size)
-            if score_step.check_chunk(run.folder.scores, j, plan["chunks"][j]["rows"], fingerprint,
-                                      plan["chunks"][j]["digest"]) is not None]
-    reuse = score_step._reuse_index(run) if todo else {}
+    todo = [j for j in pending_chunks(run, plan) if j % world_size == rank]
+    reuse = score_step.reuse_index(run) if todo else {}
     windows = 0
     for index in todo:
-        score_step._score_one(run, index, plan["chunks"][index], reuse, lambda n: None)
+        score_step.score_one_chunk(run, index, plan["chunks"][index], reuse, lambda n: None)
         windows += plan["chunks"][index]["rows"]
     return {"chunks": len(todo), "windows_scored": windows}
+
+
+def pending_chunks(run: Run | Any, plan: dict[str, Any] | None = None) -> list[int]:
+    """The chunks of the plan without a valid marker (``run``: a `Run`, or a config for a task of its own)."""
+    run = run if isinstance(run, Run) else task_run(run)
+    plan = plan or read_json(run.folder.scores / score_step.PLAN_FILE, what="the chunk plan", remedy="run the plan stage")
+    fingerprint = run.fingerprint["fingerprint"]
+    return [j for j, chunk in enumerate(plan["chunks"])
+            if score_step.check_chunk(run.folder.scores, j, chunk["rows"], fingerprint, chunk["digest"]) is not None]
 
 
 def fit_stage(config: Any) -> dict[str, Any]:

@@ -192,11 +192,11 @@ def check_window_hashes(table: Any, where: str, first_row: int = 0) -> None:
             )
 
 
-def digest(ids: Sequence[str], hashes: Sequence[str]) -> str:
-    """Identity of a list of windows (ids and content hashes), for chunk markers."""
+def digest(ids: Sequence[str], categories: Sequence[str], hashes: Sequence[str]) -> str:
+    """Identity of a list of windows (ids, categories and content hashes), for chunk markers."""
     h = hashlib.blake2b(digest_size=16)
-    for window_id, window in zip(ids, hashes):
-        h.update(f"{window_id}\x1f{window}\x1e".encode("utf-8", "surrogatepass"))
+    for window_id, category, window in zip(ids, categories, hashes):
+        h.update(f"{window_id}\x1f{category}\x1f{window}\x1e".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
