@@ -76,10 +76,10 @@ class TaskExecutor(Executor):
     stages one after the other.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, device: str | None = None) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, device: str | None = None, local_rank: int = 0) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
-        self.rank, self.world_size, self._device = rank, world_size, device
+        self.rank, self.world_size, self._device, self.local_rank = rank, world_size, device, local_rank
 
     @property
     def device(self) -> str:

@@ -1,0 +1,205 @@
+"""Build a LongABC-style dataset with LongAttn as datatrove pipelines: locally, on Slurm or on Ray.
+
+Local (one machine; N tasks per stage, at most M processes at a time; here the offline demo):
+
+    python recipes/longabc_datatrove.py --config recipes/configs/demo.yaml --executor local --tasks 2 --workers 2
+
+Slurm (run it on the login node; no sbatch script to write: datatrove's SlurmPipelineExecutor
+submits one job array per stage, each waiting for the one before with --dependency=afterok):
+
+    python recipes/longabc_datatrove.py --config recipes/configs/longabc32k.yaml --executor slurm \
+        --tasks 64 --workers 16 --partition gpu --time 24:00:00 --gpus-per-task 1 \
+        --cpus-per-task 8 --mem-per-cpu-gb 8 --env-command "source .venv/bin/activate"
+
+    submits (sbatch, each with its own merge_stats job):
+      longattn-windows   array 0-63%16, CPU                          (windows of input shards i ≡ rank mod 64)
+      longattn-plan      1 task                                      (windows_stats.json, scores/plan.json)
+      longattn-score     array 0-63%16, --gpus=1 each, --requeue,    (chunks j ≡ rank mod 64)
+                         --signal=USR1@300: near its time limit (or on SIGUSR1) a task requeues itself
+      longattn-fit       1 task                                      (selection.parquet, selector.json, summary.json)
+      longattn-export    array 0-63%16                               (hub parts of shards i ≡ rank)
+      longattn-finish    1 task                                      (hub/ card and plots; push if configured)
+      [longattn-selected array 0-63%16, with --write-selected        (output_dir/selected/NNNNN.jsonl.gz)]
+    and returns; the sbatch scripts and logs are in LOGGING_DIR/<stage>/. Rerun the same command
+    when the jobs are done (or after a failure): complete stages are not submitted again, and the
+    summary table is printed once everything is complete.
+
+Ray (a running cluster, or none: a local one is started):
+
+    ray start --head   # on the head node; `ray start --address HEAD:6379` on the others
+    python recipes/longabc_datatrove.py --config recipes/configs/longabc32k.yaml --executor ray \
+        --address auto --tasks 64 --workers 16 --gpus-per-task 1 --cpus-per-task 8 --mem-per-cpu-gb 8
+
+What to expect. The run folder is that of ``hf-longattn run`` (same file names, same numbers:
+windows/, scores/chunk-*.parquet + .done, selection.parquet, selector.json, summary.json, hub/),
+plus LOGGING_DIR (default OUTPUT_DIR/datatrove_logs/run-<config digest>-n<tasks>/<stage>/) with
+datatrove's logs, per-task stats (stats/NNNNN.json: chunks_scored, windows, scored_ok, kept, ...)
+and completion markers, and with --write-selected OUTPUT_DIR/selected/NNNNN.jsonl.gz (the selected
+windows as datatrove Documents). At the end it prints the summary table (the demo's is the one in
+the README, number for number) and the wall time of each stage. The demo (79 windows of 8192
+tokens, SmolLM2 on CPU) took 9 min 21 s with --tasks 2 --workers 2 on a 2-core CPU shared with
+other jobs (score 484 s, everything else ~70 s; ``hf-longattn run`` takes 3-6 min on it unshared).
+Kill it at any moment and rerun the same command: datatrove skips the complete tasks, and a
+score task rescores only its chunks without a valid completion marker.
+Nodes must see OUTPUT_DIR at the same path (it is made absolute here). Another configuration or
+--tasks gets fresh datatrove logs (the run folder's own checks still reuse every valid result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    from hf_longattn.cli import add_config_arguments, config_from_args
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hf_longattn.cli import add_config_arguments, config_from_args
+
+PRELOAD = ["__main__", "torch", "transformers", "datasets", "pyarrow.parquet", "hf_longattn.datatrove",
+           "hf_longattn.scorer"]
+"""Imported once by the forkserver that LocalPipelineExecutor's worker processes fork from (no CUDA, no thread yet)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's options: those of ``hf-longattn run``, the executor, and the Slurm / Ray resources."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    engine = parser.add_argument_group("datatrove")
+    engine.add_argument("--executor", choices=("local", "slurm", "ray"), default="local", help="datatrove executor")
+    engine.add_argument("--tasks", type=int, default=4, help="tasks of the windows, score, export (and selected) stages")
+    engine.add_argument("--workers", type=int, default=-1, help="tasks running at a time (-1: all)")
+    engine.add_argument("--logging-dir", help="datatrove logs, stats and completions (default: OUTPUT_DIR/datatrove_logs)")
+    engine.add_argument("--write-selected", action="store_true",
+                        help="also write the selected windows as JSONL to OUTPUT_DIR/selected (datatrove Documents)")
+    cluster = parser.add_argument_group("Slurm and Ray")
+    cluster.add_argument("--gpus-per-task", type=int, default=1, help="GPUs of each score task (0: score on CPUs)")
+    cluster.add_argument("--cpus-per-task", type=int, default=1, help="CPUs of every task")
+    cluster.add_argument("--mem-per-cpu-gb", type=float, default=2, help="memory per CPU, in GB")
+    cluster.add_argument("--partition", help="Slurm partition (required with --executor slurm)")
+    cluster.add_argument("--time", default="24:00:00", help="Slurm time limit of each task")
+    cluster.add_argument("--qos", default="normal", help="Slurm QOS")
+    cluster.add_argument("--env-command", help="Slurm: command that activates the Python environment on the nodes")
+    cluster.add_argument("--requeue-grace", type=int, default=300,
+                         help="Slurm: seconds before the time limit at which a score task requeues itself")
+    cluster.add_argument("--address", help="Ray cluster address (e.g. auto); default: start a local Ray")
+    return parser
+
+
+def logging_root(args: argparse.Namespace, config: Any) -> str:
+    """``LOGGING_DIR/run-<digest>-n<tasks>``: datatrove's completion markers hold only for this config and task count."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = args.logging_dir or str(Path(config.output_dir) / "datatrove_logs")
+    return f"{root}/run-{digest}-n{args.tasks}"
+
+
+def make_executor(args: argparse.Namespace, stage: str, pipeline: list, tasks: int, logging_dir: str, depends: Any) -> Any:
+    """The datatrove executor of one stage (``tasks`` tasks, after ``depends``)."""
+    workers = args.workers if tasks > 1 else 1
+    gpus = args.gpus_per_task if stage == "score" else 0
+    if args.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=depends)
+    if args.executor == "ray":
+        from datatrove.executor import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=depends,
+                                   cpus_per_task=args.cpus_per_task, mem_per_cpu_gb=args.mem_per_cpu_gb,
+                                   gpus_per_task=gpus)
+    from datatrove.executor import SlurmPipelineExecutor
+
+    return SlurmPipelineExecutor(
+        pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=depends, job_name=f"longattn-{stage}",
+        partition=args.partition, time=args.time, qos=args.qos, cpus_per_task=args.cpus_per_task,
+        mem_per_cpu_gb=args.mem_per_cpu_gb, gpus_per_task=gpus, env_command=args.env_command,
+        requeue=True, requeue_signals=("SIGUSR1",),  # preempted or near the time limit: back in the queue
+        sbatch_args={"signal": f"USR1@{args.requeue_grace}"} if stage == "score" else None,
+    )
+
+
+def build_executors(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """One executor per stage, in order, each depending on the one before."""
+    from hf_longattn.datatrove import SINGLE_TASK_STAGES, longattn_pipelines
+
+    selected = str(Path(config.output_dir) / "selected") if args.write_selected else None
+    root, executors, previous = logging_root(args, config), {}, None
+    for stage, pipeline in longattn_pipelines(config, selected).items():
+        tasks = 1 if stage in SINGLE_TASK_STAGES else args.tasks
+        previous = executors[stage] = make_executor(args, stage, pipeline, tasks, f"{root}/{stage}", previous)
+    return executors
+
+
+def run_chain(args: argparse.Namespace, executors: dict[str, Any]) -> dict[str, float] | None:
+    """Run (local, Ray) or submit (Slurm) the stages; the wall time of each stage, or None while some are unfinished."""
+    if args.executor == "slurm":
+        list(executors.values())[-1].run()  # submits the unfinished stages, each after the one before
+        return {} if all(not e.get_incomplete_ranks(skip_completed=True) for e in executors.values()) else None
+    if args.executor == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=args.address)
+    else:
+        import multiprocess
+
+        multiprocess.set_forkserver_preload(PRELOAD)  # each worker starts in ~0.1 s instead of importing torch
+    timings = {}
+    for stage, executor in executors.items():  # in order, so a failed stage stops the chain at once
+        started = time.perf_counter()
+        executor.run()
+        timings[stage] = time.perf_counter() - started
+        incomplete = executor.get_incomplete_ranks(skip_completed=True)
+        if incomplete:
+            raise RuntimeError(f"tasks {incomplete} of the {stage} stage did not finish (logs: "
+                               f"{executor.logging_dir.path}/logs): rerun the same command to resume")
+    return timings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, check, run the chain and print the summary table; returns the exit status."""
+    from hf_longattn.counts import format_summary
+    from hf_longattn.errors import LongAttnError
+    from hf_longattn.run.stages import task_run
+    from hf_longattn.run.windows_step import check_push
+
+    args = build_parser().parse_args(argv)
+    if args.no_progress:  # read by datasets and huggingface_hub when they are imported
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if args.tasks < 1:
+        raise SystemExit("--tasks must be at least 1")
+    if args.executor == "slurm" and not args.partition:
+        raise SystemExit("--executor slurm needs --partition")
+    try:
+        config = config_from_args(args)
+        config = config.replace(output_dir=str(Path(config.output_dir).resolve()))
+        check_push(task_run(config))  # a push that cannot succeed (HF_HUB_OFFLINE=1) stops before any work
+        timings = run_chain(args, build_executors(args, config))
+    except (LongAttnError, ValueError, FileNotFoundError, RuntimeError) as error:
+        if args.traceback:
+            raise
+        print(f"longabc_datatrove: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        return 2
+    summary = Path(config.output_dir) / "summary.json"
+    if timings is None or not summary.is_file():
+        print(f"Submitted. When the jobs are done, rerun the same command to print the summary "
+              f"(logs: {logging_root(args, config)}).", flush=True)
+        return 0
+    print(format_summary(json.loads(summary.read_text())), flush=True)
+    if timings:
+        print("datatrove stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
+              + f", total {sum(timings.values()):.1f} s", flush=True)
+    print(f"outputs in {config.output_dir}; datatrove logs and stats in {logging_root(args, config)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
