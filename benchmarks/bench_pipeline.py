@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_longattn.pipeline import LongAttnPipeline, PipelineConfig  # noqa: E402
+from hf_longattn import LongAttnPipeline, RunConfig  # noqa: E402
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as folder:
         overrides = {"model": args.model} if args.model else {}
-        config = PipelineConfig.demo(output_dir=str(Path(folder) / "demo"), **overrides)
+        config = RunConfig.demo(output_dir=str(Path(folder) / "demo"), **overrides)
         pipeline = LongAttnPipeline(config, progress=False)
         start = time.perf_counter()
         pipeline.run()
@@ -48,28 +48,28 @@ def main():
 
         import json
 
-        from datasets import load_from_disk
+        from hf_longattn.run.score_step import load_kept_windows
 
         markers = [json.loads(path.read_text()) for path in sorted(pipeline.scores_dir.glob("*.done"))]
 
-        windows = load_from_disk(str(pipeline.windows_dir)).select_columns(["id", "input_ids"])
-        tokens = sum(len(ids) for ids in windows.with_format("arrow")["input_ids"].to_pylist())
+        windows = load_kept_windows(pipeline.run_state, ["id", "input_ids"])
+        tokens = sum(len(ids) for ids in windows.column("input_ids").to_pylist())
         scorer = pipeline.scorer  # loaded by the run: the model load is not timed again
         start = time.perf_counter()
-        for low in range(0, len(windows), config.batch_size):
-            scorer(windows[low : low + config.batch_size])
+        for low in range(0, windows.num_rows, config.batch_size):
+            scorer(windows.slice(low, config.batch_size).to_pydict())
         scorer_alone = time.perf_counter() - start
 
     # Chunks after the first: the steady state, once the model is loaded (same windows, scorer alone).
     later = [m for m in markers if m["chunk"] > 0]
     later_windows = sum(m["rows"] for m in later)
-    later_share = later_windows / len(windows)
+    later_share = later_windows / windows.num_rows
     rows = [
         ("whole run (windows + model load + score + select + export)", whole_run, tokens),
         ("score step (model load + chunks written)", timings["score"], tokens),
         ("score step without its first chunk (steady state: scoring + chunk files)",
          sum(m["seconds"] for m in later), tokens * later_share),
-        ("first chunk (model and config load, first forwards)", markers[0]["seconds"], tokens * markers[0]["rows"] / len(windows)),
+        ("first chunk (model and config load, first forwards)", markers[0]["seconds"], tokens * markers[0]["rows"] / windows.num_rows),
         ("scorer alone (model loaded, same windows and batch size)", scorer_alone, tokens),
     ]
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " \
@@ -78,7 +78,7 @@ def main():
     lines = [
         f"## {stamp} — pipeline: the embedded demo, model {config.model}, {machine}",
         "",
-        f"torch {torch.__version__}; {len(windows)} windows of {config.window_size} tokens = {tokens:,} tokens; "
+        f"torch {torch.__version__}; {windows.num_rows} windows of {config.window_size} tokens = {tokens:,} tokens; "
         f"step timings {timings}.",
         "",
         "| what | seconds | tokens/s | share of the scorer's own tokens/s |",

@@ -13,11 +13,6 @@ import numpy as np
 
 from . import vocabulary as V
 
-ROW_COUNTERS = ("windows", "scored_ok", "not_ok", "kept", "tokens_in", "tokens_out")
-"""Counters computed from the scored rows (the others come from the windows step)."""
-DOCUMENT_COUNTERS = ("documents", "documents_too_short", "tokens_documents", "windows_left_out")
-"""Counters of the windows step (documents read, too short, their tokens, windows left out by the cap)."""
-
 
 def format_number(value: Any) -> str:
     """Format a table number: ints with thousands separators, floats with 4 significant digits.

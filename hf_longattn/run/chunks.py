@@ -26,12 +26,6 @@ def num_chunks(num_windows: int, chunk_size: int) -> int:
     return -(-int(num_windows) // int(chunk_size))
 
 
-def chunk_bounds(index: int, chunk_size: int, total_windows: int) -> tuple[int, int]:
-    """Window indices ``[start, end)`` of chunk ``index``."""
-    start = index * chunk_size
-    return start, min(total_windows, start + chunk_size)
-
-
 def owned_chunks(total_chunks: int, world_size: int, rank: int) -> range:
     """The chunk indices process ``rank`` scores: a contiguous block, like ``Dataset.shard(world_size, rank, contiguous=True)``.
 

@@ -27,13 +27,16 @@ logger = logging.getLogger(__name__)
 
 
 def export(run: Run) -> Path:
-    """Write ``output_dir/hub``: configs ``filtered``/``scored``, a split per category, card and plots."""
+    """Write ``output_dir/hub``: configs ``filtered``/``scored``, a split per category, card and plots.
+
+    Every process writes the parts of the windows shards it claims (decoding is CPU work); the
+    main process then adds the card and plots and swaps the folder in. Reselects first when the
+    selection is missing or its settings changed.
+    """
     prepare(run)
-    if not run.is_main:
-        return run.folder.hub
-    if not selection_is_current(run):
-        select(run)
-    return run.timed("export", lambda: _export(run))
+    run.executor.run_on_main(lambda: None if selection_is_current(run) else select(run))
+    run.timed("export", lambda: _export(run))
+    return run.folder.hub
 
 
 def export_tag(run: Run) -> str:
@@ -45,10 +48,32 @@ def export_tag(run: Run) -> str:
     return content_tag([sha256_file(run.folder.selection), run.windows_stats()["digest"]], settings, __version__)
 
 
-def _export(run: Run) -> Path:
-    """Write every windows shard's parts, then the card and plots, and swap the folder in: nothing partial."""
-    shards = run.windows_stats()["shards"]
-    export_shards(run, range(len(shards)))
+def _export(run: Run) -> None:
+    """Every process: the parts of the shards it claims; then the main process: card, plots, swap (nothing partial)."""
+    from .lock import claimed, release_claim
+
+    building, executor = building_folder(run), run.executor
+    marks = building / ".parts"
+    marks.mkdir(parents=True, exist_ok=True)
+
+    def done(index: int) -> bool:
+        return (marks / f"{index:05d}.done").is_file()
+
+    shards = range(len(run.windows_stats()["shards"]))
+    for index in claimed([i for i in shards if not done(i)], lambda i: marks / f"{i:05d}.claim", run.launch,
+                         executor.rank, executor.world_size, done):
+        export_shards(run, [index])
+        (marks / f"{index:05d}.done").touch()
+        release_claim(marks / f"{index:05d}.claim")
+    executor.barrier()
+    if run.is_main:
+        shutil.rmtree(marks, ignore_errors=True)
+        finish_export_folder(run)
+
+
+def _export_alone(run: Run) -> Path:
+    """The whole export by this process alone (the push's re-export: the other processes are done)."""
+    export_shards(run, range(len(run.windows_stats()["shards"])))
     return finish_export_folder(run)
 
 
@@ -230,7 +255,7 @@ def push(run: Run) -> str | None:
         raise LongAttnError(f"Nothing to push: {run.folder.hub} has no export; run the `export` step first")
     if not export_is_current(run):
         run.print(f"[push] {run.folder.hub} does not hold the export of the current selection: exporting again first")
-        export(run)
+        run.timed("export", lambda: _export_alone(run))
     config = run.config
     url = run.timed("push", lambda: publication.push_to_hub(
         run.folder.hub, config.push_to_hub, private=config.private, commit_message=config.commit_message))

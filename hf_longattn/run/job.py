@@ -100,10 +100,10 @@ class LongAttnPipeline:
             if self.config.probe and run.is_main:
                 export_step.probe(run)
             score_step.score(run)
+            select_step.select(run)  # the main process; the others wait in the export for it
+            export_step.export(run)  # every process writes parts; the main one finishes
             if not run.is_main:
                 return {}
-            select_step.select(run)
-            export_step.export(run)
             export_step.push(run)
             run.timings["total"] = round(time.perf_counter() - started, 3)
             result = select_step.summary(run)

@@ -12,8 +12,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import vocabulary as V
 from ..errors import LongAttnError
 
@@ -198,8 +196,3 @@ def digest(ids: Sequence[str], categories: Sequence[str], hashes: Sequence[str])
     for window_id, category, window in zip(ids, categories, hashes):
         h.update(f"{window_id}\x1f{category}\x1f{window}\x1e".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
-
-
-def as_numpy_ids(column: Any) -> list[np.ndarray]:
-    """An Arrow ``list<int32>`` column as a list of int32 numpy arrays (no Python ints)."""
-    return [np.asarray(v, dtype=np.int32) for v in column.to_numpy(zero_copy_only=False)]
