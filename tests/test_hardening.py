@@ -6,6 +6,7 @@ Run: ``python -m pytest -q tests/test_hardening.py`` (CPU, tiny random models, n
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 
 import numpy as np
@@ -345,21 +346,33 @@ def selected(scored, **selector_kwargs) -> tuple[list[str], dict[str, str | None
     return kept, {i: bits(v) for i, v in zip(out["id"], out["longattn_lds"])}
 
 
-def force_eager_sums(monkeypatch) -> bool:
+def force_eager_sums(request) -> bool:
     """Turn off the compiled CPU kernel (needs a C++ compiler), here and in spawned workers, as on a
-    machine without a compiler; False when it is not in use here anyway (eager is the default)."""
+    machine without a compiler, until the test ends; False when it is not in use here anyway.
+
+    Not ``monkeypatch.setenv``: ``datasets.map(num_proc=…)`` replaces ``os.environ`` with a copy, so
+    monkeypatch would undo the change on the old mapping and leave the kernel off for later tests."""
     from hf_longattn import cpu_kernel
 
     if cpu_kernel.far_row_sums_function() is None:
         return False
-    monkeypatch.setenv("HF_LONGATTN_FUSED", "0")
+    previous = os.environ.get("HF_LONGATTN_FUSED")
+    os.environ["HF_LONGATTN_FUSED"] = "0"
+
+    def restore():
+        if previous is None:
+            os.environ.pop("HF_LONGATTN_FUSED", None)
+        else:
+            os.environ["HF_LONGATTN_FUSED"] = previous
+
+    request.addfinalizer(restore)
     return True
 
 
 @pytest.fixture(params=["default", "eager"])
-def sums_path(request, monkeypatch):
+def sums_path(request):
     """The attention-sums path in use: this machine's default, and the eager torch path forced on."""
-    if request.param == "eager" and not force_eager_sums(monkeypatch):
+    if request.param == "eager" and not force_eager_sums(request):
         pytest.skip("attention_stats has no fused path: the default path is the eager one")
     return request.param
 
@@ -373,8 +386,8 @@ def test_scores_are_bit_identical_across_runs_and_batch_sizes(llama, windows, su
         assert again["id"] == windows["id"] and score_bits(again) == expected, batch_size
 
 
-def test_processes_and_selection_are_reproducible(llama, windows, spawn_start_method, monkeypatch):
-    force_eager_sums(monkeypatch)  # spawned workers skip compiling (tests/test_scorer.py maps num_proc=2 by default)
+def test_processes_and_selection_are_reproducible(llama, windows, spawn_start_method, request):
+    force_eager_sums(request)  # spawned workers skip compiling (tests/test_scorer.py maps num_proc=2 by default)
     reference = run_map(reproducible_scorer(llama), windows, batch_size=3)
     scorer = reproducible_scorer(llama)
     parallel = windows.map(scorer, batched=True, batch_size=4, num_proc=2, features=scorer.features(windows.features))
