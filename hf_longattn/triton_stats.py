@@ -38,8 +38,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_THRESHOLDS = 16
-TRITON_OPTIONS = frozenset({"block_m", "block_n", "num_warps", "num_stages"})
-TORCH_OPTIONS = frozenset({"block_rows", "block_bytes"})
 
 
 def _interpreting() -> bool:

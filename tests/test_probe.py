@@ -384,3 +384,20 @@ def test_cli_on_pre_tokenised_jsonl(tiny_model_dir, tmp_path, capsys):
     assert main(new) == 0
     again = json.loads((run_dir / "probe" / "report.json").read_text())
     assert again["config"]["min_distance"] == 16 and again["samples"][0]["id"] == report["samples"][0]["id"]
+
+
+def test_cli_checks_the_window_against_the_context_like_a_run(tiny_model_dir, tmp_path, capsys):
+    # The tiny model's context is 1024 tokens: W = 2048 is refused in one line before any work, and
+    # accepted with context_length (a rope-scaled model), as `hf-longattn run` does.
+    folder = str(tiny_model_dir("llama", 3))
+    rng = np.random.default_rng(7)
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"d{i}", "category": "book", "input_ids": rng.integers(0, 320, 2300).tolist()})
+                            + "\n" for i in range(3)))
+    argv = ["--model", folder, "--input", str(data), "--window-size", "2048", "--layer", "0",
+            "--probe-num-windows", "1", "--probe-chunk-size", "512", "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "exceeds the context of model" in capsys.readouterr().err
+    assert main([*argv, "--set", "context_length=4096"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"]["window_size"] == 2048 and report["timings"]["tokens_scored"] == 2 * 2048

@@ -49,7 +49,7 @@ Layout: `statistics` (AUC, verdict), `sampling` (real windows and controls), `re
 from __future__ import annotations
 
 from .command import add_probe_parser, main, run_probe_command
-from .core import ALL_GROUPS, load_documents, parse_layers, probe
+from .core import ALL_GROUPS, load_documents, parse_layers, probe, probe_run_config
 from .report import ProbeReport
 from .sampling import ProbeSample, probe_samples
 from .statistics import (
@@ -84,6 +84,7 @@ __all__ = [
     "main",
     "parse_layers",
     "probe",
+    "probe_run_config",
     "probe_samples",
     "run_probe_command",
     "top_fraction_share",

@@ -52,22 +52,18 @@ def add_probe_parser(subparsers: Any, short: str = "check that the scoring model
 def run_probe_command(args: argparse.Namespace, config: Any = None) -> int:
     """Run ``hf-longattn probe``: print counts and the table, write report.json / report.md / probe.png, print the verdict."""
     from ..cli import config_from_args
+    from ..model_checks import check_model, check_window_fits
     from ..run.storage import atomic_write_text
     from ..sources import SourceConfig, read_sources
-    from .core import probe
+    from .core import probe_run_config
 
     config = config if config is not None else config_from_args(args)
+    check_window_fits(config, check_model(config.model, config.revision))
     sources = config.sources
     if args.text_column != "text":
         sources = [SourceConfig.from_dict({**s.to_dict(), "text_column": args.text_column}) for s in sources]
-    documents = read_sources(sources)
-    report = probe(
-        config.model, documents, window_size=config.window_size, layers=config.probe_layers,
-        by=None if str(args.by).lower() == "none" else args.by, num_windows=config.probe_num_windows,
-        chunk_size=config.probe_chunk_size, seed=config.seed, keep_fraction=config.keep_fraction, alpha=config.alpha,
-        tokenizer=config.tokenizer, min_distance=config.min_distance, dtype=config.dtype, device=args.device,
-        revision=config.revision,
-    )
+    by = None if str(args.by).lower() == "none" else args.by
+    report = probe_run_config(config, read_sources(sources), by=by, device=args.device)
     output = Path(args.output) if args.output else Path(config.output_dir) / "probe"
     output.mkdir(parents=True, exist_ok=True)
     for group, counts in report.counts.items():

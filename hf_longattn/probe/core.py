@@ -184,8 +184,9 @@ def _documents_as_tokens(documents: Any, scorer: Any, tokenizer: Any, by: str | 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     wanted = [c for c in (text_column, V.INPUT_IDS) if c in columns]
     token_lists: list[np.ndarray] = []
+    documents = documents.select_columns(wanted)
     for start in range(0, len(documents), 16):
-        batch = documents.select_columns(wanted)[start : start + 16]
+        batch = documents[start : start + 16]
         batch.setdefault(text_column, [""] * len(batch[wanted[0]]))
         token_lists += document_token_ids(tokenizer, batch, text_column)
     return groups, doc_ids, token_lists
@@ -219,3 +220,22 @@ def _score_samples(scorer: Any, samples: list, token_lists: list[np.ndarray], do
             "du_by_layer": list(du_by_layer[i]) if ok else [None] * num_layers,
         })
     return scores
+
+
+def probe_run_config(config: Any, documents: Any, *, by: str | None = "category", device: str | None = None) -> ProbeReport:
+    """The probe of a run configuration (`hf_longattn.config.RunConfig`): its model, W, layers and settings over ``documents``.
+
+    The scorer's limit is the run's: ``context_length`` when set, else the model's context. The
+    caller checks the model first (`hf_longattn.model_checks.check_window_fits`), as a run does.
+
+    Example:
+
+    >>> report = probe_run_config(RunConfig.demo(probe_layers="0,9"), read_sources(RunConfig.demo().sources))  # doctest: +SKIP
+    """
+    return probe(
+        config.model, documents, window_size=config.window_size, layers=config.probe_layers, by=by,
+        num_windows=config.probe_num_windows, chunk_size=config.probe_chunk_size, seed=config.seed,
+        keep_fraction=config.keep_fraction, alpha=config.alpha, tokenizer=config.tokenizer,
+        min_distance=config.min_distance, dtype=config.dtype, device=device, revision=config.revision,
+        max_length=config.context_length,
+    )

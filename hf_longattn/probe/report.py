@@ -53,9 +53,11 @@ class ProbeReport:
 
     def to_json(self, path: str | Path) -> Path:
         """Write the whole report (NaN as null) to ``path``; returns the path."""
+        from ..run.storage import atomic_write_text
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_json_safe(self.to_dict()), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(_json_safe(self.to_dict()), indent=1, ensure_ascii=False) + "\n")
         return path
 
     @classmethod

@@ -282,7 +282,7 @@ def probe(run: Run) -> Any:
     Writes ``probe/report.json``, ``probe/report.md`` and ``probe/probe.png``; the export puts
     them into the dataset card.
     """
-    from ..probe import ProbeReport, probe as run_probe
+    from ..probe import ProbeReport, probe_run_config
     from ..sources import read_sources
     from .storage import atomic_write_text
 
@@ -291,15 +291,7 @@ def probe(run: Run) -> Any:
         return ProbeReport.from_json(folder / "report.json")
 
     def self_check() -> Any:
-        config = run.config
-        from ..model_loading import resolve_model
-
-        report = run_probe(
-            resolve_model(config.model), read_sources(config.sources), window_size=config.window_size,
-            layers=config.probe_layers, num_windows=config.probe_num_windows, seed=config.seed,
-            chunk_size=config.probe_chunk_size, keep_fraction=config.keep_fraction, alpha=config.alpha,
-            min_distance=config.min_distance, tokenizer=config.tokenizer, revision=config.revision, dtype=config.dtype,
-        )
+        report = probe_run_config(run.config, read_sources(run.config.sources))
         folder.mkdir(parents=True, exist_ok=True)
         report.plot(folder / "probe.png")
         atomic_write_text(folder / "report.md", report.to_markdown("wide") + "\n\n" + report.verdict + "\n")
