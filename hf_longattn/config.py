@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -13,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .registry import SCORERS
+from .run.storage import json_sha256
 from .sources import SourceConfig
 
 DEMO_MODEL = "smollm2"
@@ -20,6 +19,7 @@ DEMO_MODEL = "smollm2"
 
 DTYPES = ("float32", "bfloat16", "float16")
 NORMALIZATIONS = ("zscore", "minmax")
+"""How LDS normalises DS_T and DU_T within a group (`hf_longattn.lds`); checked here and by the selector."""
 
 
 def _demo_sources() -> list[SourceConfig]:
@@ -236,11 +236,8 @@ class RunConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_min_distance(self.min_distance, self.window_size)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
-        kf = self.keep_fraction
-        if isinstance(kf, bool) or not isinstance(kf, (int, float)) or not 0 <= kf <= 1:
-            raise ValueError(f"keep_fraction must be a number in [0, 1], got {kf!r}")
+        check_alpha(self.alpha)
+        check_keep_fraction(self.keep_fraction)
         _check_choice(self, "normalization", NORMALIZATIONS)
         _check_choice(self, "dtype", (None, *DTYPES))
         from .selection import SELECTION_METHODS
@@ -280,8 +277,7 @@ class RunConfig:
     def fingerprint(self, checkpoint: str) -> dict[str, Any]:
         """``{"fingerprint": sha256 of the identity, "config": identity}`` (see :meth:`fingerprint_config`)."""
         identity = self.fingerprint_config(checkpoint)
-        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-        return {"fingerprint": digest, "config": identity}
+        return {"fingerprint": json_sha256(identity), "config": identity}
 
 
 def _check_integer(config: RunConfig, name: str, low: int, optional: bool = False) -> None:
@@ -301,6 +297,34 @@ def _check_text(config: RunConfig, name: str, optional: bool = True) -> None:
     value = getattr(config, name)
     if not (value is None and optional) and not isinstance(value, str):
         raise ValueError(f"{name} must be a string{' or null' if optional else ''}, got {value!r}")
+
+
+def check_alpha(alpha: Any) -> None:
+    """Raise a `ValueError` unless ``alpha`` (the weight of DU_T in LDS_T) is a finite number.
+
+    Example:
+
+    >>> check_alpha(float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: alpha must be a finite number, got nan
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+
+
+def check_keep_fraction(keep_fraction: Any) -> None:
+    """Raise a `ValueError` unless ``keep_fraction`` is a number in [0, 1].
+
+    Example:
+
+    >>> check_keep_fraction(1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: keep_fraction must be a number in [0, 1], got 1.5
+    """
+    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0 <= keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be a number in [0, 1], got {keep_fraction!r}")
 
 
 def check_min_distance(k: Any, window_size: int | None = None) -> None:

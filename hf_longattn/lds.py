@@ -22,9 +22,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .config import NORMALIZATIONS
 from .registry import Registry
-
-NORMALIZATIONS = ("zscore", "minmax")
 
 SELECTION_METHODS = Registry("selection method")
 """Selection methods by versioned name; each ranks a group's valid rows (see `LdsMethod`)."""

@@ -25,12 +25,11 @@ from typing import Any
 import numpy as np
 
 from . import vocabulary as V
+from .config import check_alpha, check_keep_fraction
 from .lds import (  # noqa: F401 - re-exported: their home before hf_longattn 0.2
     METHODS,
     NORMALIZATIONS,
     SELECTION_METHODS,
-    LdsMethod,
-    RandomMethod,
     _check_choice,
     _lds_from_stats,
     _normalization_stats,
@@ -130,10 +129,8 @@ class LongAttnSelector:
         seed: int = 0,
         id_column: str = "id",
     ) -> None:
-        if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0 <= keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must be a number in [0, 1], got {keep_fraction!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        check_keep_fraction(keep_fraction)
+        check_alpha(alpha)
         _check_choice("normalization", normalization, NORMALIZATIONS)
         SELECTION_METHODS.resolve(method)
         if isinstance(seed, bool) or not isinstance(seed, int):

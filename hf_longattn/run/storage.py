@@ -30,6 +30,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def json_sha256(value: Any) -> str:
+    """Hex SHA-256 of ``value`` as JSON with sorted keys (anything JSON cannot write as its `str`).
+
+    Example:
+
+    >>> json_sha256({"b": 1, "a": [2]}) == json_sha256({"a": [2], "b": 1})
+    True
+    """
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """fsync a folder so that a rename inside it is durable (a no-op where folders cannot be opened)."""
     try:
