@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,6 @@ class CardData:
     plots: dict[str, str] = field(default_factory=dict)
     empty_filtered_splits: list[str] = field(default_factory=list)
     probe: dict[str, Any] | None = None
-    export_fingerprint: str | None = None
     run_metadata: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -174,14 +173,11 @@ class CardData:
 
         card = DatasetCard.from_template(
             self.card_yaml(), template_path=str(TEMPLATE), card=self, num=format_number, table=markdown_table,
-            statuses=V.STATUSES, descriptions=V.COLUMN_DESCRIPTIONS, quantile_names=[name for name, _ in QUANTILES],
+            statuses=V.STATUSES, quantile_names=[name for name, _ in QUANTILES],
             bibtex=LONGATTN_BIBTEX, metadata_json=json.dumps(self.run_metadata, indent=2, sort_keys=True,
                                                              ensure_ascii=False, default=str),
         )
         return str(card)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def hub_license(configured: str | None, found: list[str]) -> tuple[str, str | None, str | None]:

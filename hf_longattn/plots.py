@@ -36,17 +36,24 @@ def _require_matplotlib() -> tuple[Any, Any]:
     return Figure, FigureCanvasAgg
 
 
-def _window_table(dataset: Any) -> dict[str, list]:
-    """Return the status, selection and score columns of one split as Python lists (row order kept)."""
-    wanted = [V.STATUS, V.SELECTED, *SCORE_AXES]
-    missing = [name for name in wanted if name not in dataset.column_names]
+_PLOT_COLUMNS = (V.STATUS, V.SELECTED, *SCORE_AXES)
+
+
+def _check_columns(dataset: Any) -> None:
+    """Raise a `ValueError` listing the columns of one split if it lacks one of :data:`_PLOT_COLUMNS`."""
+    missing = [name for name in _PLOT_COLUMNS if name not in dataset.column_names]
     if missing:
         raise ValueError(
             f"Cannot plot LongAttn scores: missing column(s) {missing}. "
             f"Current columns: {dataset.column_names}"
         )
-    table = dataset.select_columns(wanted).with_format("arrow")[:]
-    return {name: table.column(name).to_pylist() for name in wanted}
+
+
+def _window_table(dataset: Any) -> dict[str, list]:
+    """Return the status, selection and score columns of one split as Python lists (row order kept)."""
+    _check_columns(dataset)
+    table = dataset.select_columns(list(_PLOT_COLUMNS)).with_format("arrow")[:]
+    return {name: table.column(name).to_pylist() for name in _PLOT_COLUMNS}
 
 
 def _split_rows(columns: Mapping[str, list], score: str) -> tuple[list[float], list[float]]:
@@ -190,9 +197,8 @@ def plot_kept_vs_dropped(scored: Mapping[str, Any], path: str | Path) -> Path:
     names = list(scored)
     counts = {"kept": [], "dropped": [], "not ok": []}
     for name in names:
-        _window_table(scored[name])  # checks the columns, listing what exists
-        wanted = [c for c in (V.STATUS, V.SELECTED, V.NUM_TOKENS) if c in scored[name].column_names]
-        rows = row_counts(scored[name].select_columns(wanted).with_format("arrow")[:])
+        _check_columns(scored[name])
+        rows = row_counts(scored[name].select_columns([V.STATUS, V.SELECTED]).with_format("arrow")[:])
         counts["kept"].append(rows["kept"])
         counts["dropped"].append(rows["scored_ok"] - rows["kept"])
         counts["not ok"].append(rows["windows"] - rows["scored_ok"])

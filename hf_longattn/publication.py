@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import vocabulary as V
-from .card import QUANTILES, CardData, CategoryRow, score_quantiles
+from .card import QUANTILES, SCORE_LABELS, CardData, CategoryRow, score_quantiles
 from .counts import format_number, row_counts  # noqa: F401 - format_number: its old home
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ REQUIRED_COLUMNS = (V.ID, V.STATUS, V.SELECTED, V.DS, V.DU, V.LDS)
 PLOT_FILES = {"scores": "score_distributions.png", "selection": "kept_vs_dropped.png", "probe": "probe.png"}
 OWNED = ("README.md", "data/scored", "data/filtered", "plots")
 """What an export writes in its folder (and replaces with ``overwrite=True``); nothing else is touched."""
-_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+EXPORT_RECORD = "hf_longattn_export.json"
+"""The run's record of the export in its folder (written by `hf_longattn.run.export_step`); not carried over."""
 
 
 # -- names and paths ---------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def category_row(category: str, split: str, table: Any, run_counts: Mapping[str,
                       counts["tokens_out"], counts["not_ok"], threshold, run_counts.get("documents"),
                       run_counts.get("documents_too_short"), run_counts.get("windows_left_out"), licenses)
     quantiles = []
-    for column, label in ((V.DS, "DS_T"), (V.DU, "DU_T"), (V.LDS, "LDS_T")):
+    for column, label in SCORE_LABELS.items():
         quantile = score_quantiles(scores[column])
         quantiles.append([category, label, len(scores[column]), *(quantile.get(name) for name, _ in QUANTILES)])
     return row, quantiles
@@ -217,10 +218,8 @@ def finish_export(folder: Path, metadata: Mapping[str, Any], scored: Mapping[str
     plot_names = _plots(scored, folder, rows, metadata) if plots else {}
     plot_names.update(_probe_plot(folder, metadata))
     card = CardData.from_metadata(metadata, categories=rows, quantiles=quantiles, columns=columns, data_files=data_files,
-                                  plots=plot_names, empty_filtered_splits=empty, export_fingerprint=tag)
-    card.repo_id = repo_id or card.repo_id
-    card.license = license or card.license
-    card.pretty_name = pretty_name or card.pretty_name
+                                  plots=plot_names, empty_filtered_splits=empty, repo_id=repo_id or None,
+                                  license=license or None, pretty_name=pretty_name or None)
     _inside(folder, "README.md").write_text(card.render(), encoding="utf-8")
     return card
 
@@ -299,8 +298,7 @@ def export_dataset(
         _keep_other_files(folder, building)
         rows, quantiles = _write_splits(scored, building, mapping, metadata, max_shard_rows, tag)
         writer = ExportWriter(building, tag, 1)
-        writer.rows = {(c, mapping[o]): 1 for o in scored for c in CONFIGS}
-        writer.rows.update({("filtered", r.split): r.kept for r in rows})
+        writer.rows = {("scored", r.split): r.windows for r in rows} | {("filtered", r.split): r.kept for r in rows}
         schema = next(iter(scored.values())).features.arrow_schema
         data_files, empty = writer.finish(list(mapping.values()), schema)
         renamed = {split: scored[original] for original, split in mapping.items()}
@@ -311,10 +309,9 @@ def export_dataset(
 
 def content_tag(parts: list[Any], *more: Any) -> str:
     """A 12-hex tag of an export's content (see :func:`part_name`)."""
-    import hashlib
-    import json
+    from .run.storage import json_sha256
 
-    return hashlib.sha256(json.dumps([parts, *more], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return json_sha256([parts, *more])[:12]
 
 
 def check_export_folder(folder: Path, overwrite: bool) -> None:
@@ -356,7 +353,7 @@ def _keep_other_files(folder: Path, building: Path) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name in ("README.md", "plots", "hf_longattn_export.json") or entry.is_symlink():
+        if entry.name in ("README.md", "plots", EXPORT_RECORD) or entry.is_symlink():
             continue
         if entry.name == "data" and entry.is_dir():
             for sub in entry.iterdir():
@@ -402,7 +399,7 @@ def _offline() -> bool:
     """True when huggingface_hub's offline mode or the HF_HUB_OFFLINE env var is on."""
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE_VALUES
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
 
 
 def check_can_push(repo_id: str) -> None:

@@ -137,23 +137,6 @@ COLUMN_TYPES = {ID: "string", DOC_ID: "string", WINDOW_HASH: "string", DOC_NUM_T
 """Arrow type of every scalar column (``input_ids`` is a list of int32)."""
 
 
-def status_detail(status: str, detail: str | None = None) -> tuple[str, str | None]:
-    """A ``(status, detail)`` pair, checking that ``status`` belongs to :data:`STATUSES`.
-
-    Example:
-
-    >>> status_detail("oom", "CUDA out of memory")
-    ('oom', 'CUDA out of memory')
-    >>> status_detail("broken")
-    Traceback (most recent call last):
-    ...
-    ValueError: unknown status 'broken'; valid: ['ok', 'empty', 'missing', 'too_short', 'bad_token', 'oom', 'non_finite', 'error']
-    """
-    if status not in STATUSES:
-        raise ValueError(f"unknown status {status!r}; valid: {list(STATUSES)}")
-    return status, detail
-
-
 def score_features(*, distances: int = 1, layers: int = 1, per_head: bool = False) -> Any:
     """`datasets.Features` of the score columns a scorer writes.
 

@@ -237,6 +237,23 @@ def test_all_filtered_splits_empty_still_loads_streaming(tmp_path):
     assert load(folder, "scored", tmp_path)["x"].num_rows == 3
 
 
+def test_empty_category_still_gets_its_scored_file(tmp_path):
+    split = make_split("code", 4, set(), {0, 1}, seed=2)
+    folder = export_dataset(datasets.DatasetDict({"code": split, "docs": split.select([])}), tmp_path / "out", {},
+                            plots=False)
+    tables = {config: pq.read_table(next((folder / "data" / config).glob("docs-00000-of-00001-*.parquet")))
+              for config in ("scored", "filtered")}
+    assert {config: table.num_rows for config, table in tables.items()} == {"scored": 0, "filtered": 0}
+    assert tables["scored"].schema.names == list(FEATURES)
+    scored_files = next(c for c in DatasetCard.load(folder / "README.md").data.configs if c["config_name"] == "scored")
+    for entry in scored_files["data_files"]:  # every pattern of the card matches a file
+        assert list(folder.glob(entry["path"])), entry
+    assert sorted(load(folder, "filtered", tmp_path)) == ["code"]
+    assert load(folder, "scored", tmp_path, split="code").num_rows == 4
+    stream = load(folder, "scored", tmp_path, streaming=True)
+    assert sorted(stream) == ["code", "docs"] and list(stream["docs"]) == []
+
+
 # ---------------------------------------------------------------------------- card
 
 
