@@ -120,6 +120,13 @@ def check_chunk(scores_dir: Path, index: int, expected_rows: int, fingerprint: s
         record = read_json(marker)
     except Exception as error:  # noqa: BLE001 - any unreadable marker means: redo the chunk
         return f"unreadable marker ({error})"
+    return check_chunk_record(scores_dir, index, record, expected_rows, fingerprint, digest)
+
+
+def check_chunk_record(scores_dir: Path, index: int, record: Any, expected_rows: int, fingerprint: str,
+                       digest: str | None = None) -> str | None:
+    """:func:`check_chunk` on a marker already read: ``record`` is its parsed content."""
+    parquet = scores_dir / f"{chunk_name(index)}.parquet"
     if not isinstance(record, dict):
         return "unreadable marker"
     if record.get("fingerprint") != fingerprint:

@@ -126,13 +126,18 @@ class Run:
         return result
 
     def saved_timings(self) -> dict[str, float]:
-        """The step timings of earlier launches (``timings.json``), ordered like the steps."""
+        """The step timings of earlier launches (``timings.json``)."""
         path = self.folder.timings
         saved = read_json(path, what="step timings", remedy="delete it; it is rewritten") if path.is_file() else {}
         if not isinstance(saved, dict):
             raise LongAttnError(f"{path} (step timings) is not a JSON object: delete it; it is rewritten")
+        return saved
+
+    def all_timings(self) -> dict[str, float]:
+        """The step timings of earlier launches updated with this launch's, ordered like the steps (then ``total``)."""
         order = [*STEPS, "total"]
-        return dict(sorted(saved.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+        timings = {**self.saved_timings(), **self.timings}
+        return dict(sorted(timings.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
     def windows_stats(self) -> dict[str, Any]:
         """``windows/windows_stats.json``: counts per category (raises when the windows are not built)."""

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from .. import vocabulary as V
 from ..errors import LongAttnError
+from ..publication import EXPORT_RECORD
 from .context import Run
 from .select_step import select, selection_is_current, summary
 from .storage import sha256_file
 from .windows_step import check_push, prepare
 
-EXPORT_RECORD = "hf_longattn_export.json"
 """In ``hub/``: the tag of the export and what it was made from (the selection and the windows)."""
 
 logger = logging.getLogger(__name__)
@@ -39,31 +39,37 @@ def export(run: Run) -> Path:
     return run.folder.hub
 
 
-def export_tag(run: Run) -> str:
-    """The tag of the export the current selection gives (:func:`hf_longattn.publication.content_tag`)."""
+def export_tag(run: Run, selection_sha256: str | None = None) -> str:
+    """The tag of the export the current selection gives (:func:`hf_longattn.publication.content_tag`).
+
+    Args:
+        selection_sha256 (`str`, *optional*): the sha256 of ``selection.parquet`` when already computed.
+    """
     from ..publication import content_tag
 
     config = run.config
     settings = {key: getattr(config, key) for key in ("pretty_name", "license", "push_to_hub")}
-    return content_tag([sha256_file(run.folder.selection), run.windows_stats()["digest"]], settings, __version__)
+    selection_sha256 = selection_sha256 or sha256_file(run.folder.selection)
+    return content_tag([selection_sha256, run.windows_stats()["digest"]], settings, __version__)
 
 
 def _export(run: Run) -> None:
     """Every process: the parts of the shards it claims; then the main process: card, plots, swap (nothing partial)."""
     from .lock import claimed, release_claim
 
-    building, executor = building_folder(run), run.executor
-    marks = building / ".parts"
+    tag, executor = export_tag(run), run.executor
+    marks = building_folder(run, tag) / ".parts"
     marks.mkdir(parents=True, exist_ok=True)
 
     def done(index: int) -> bool:
         return (marks / f"{index:05d}.done").is_file()
 
-    shards = range(len(run.windows_stats()["shards"]))
+    shards, write_shard = range(len(run.windows_stats()["shards"])), None
     for index in claimed([i for i in shards if not done(i)], lambda i: marks / f"{i:05d}.claim", run.launch,
                          executor.rank, executor.world_size, done):
-        export_shards(run, [index])
-        (marks / f"{index:05d}.done").touch()
+        write_shard = write_shard or shard_writer(run, tag)  # the selection is read once, and only if a shard is claimed
+        write_shard(index)
+        (marks / f"{index:05d}.done").touch()  # after its parts are written
         release_claim(marks / f"{index:05d}.claim")
     executor.barrier()
     if run.is_main:
@@ -77,9 +83,13 @@ def _export_alone(run: Run) -> Path:
     return finish_export_folder(run)
 
 
-def building_folder(run: Run) -> Path:
-    """Where the export is assembled before it replaces ``hub/`` (named after its tag, so a relaunch resumes it)."""
-    return run.folder.root / f".hub.building-{export_tag(run)}"
+def building_folder(run: Run, tag: str | None = None) -> Path:
+    """Where the export is assembled before it replaces ``hub/`` (named after its tag, so a relaunch resumes it).
+
+    Args:
+        tag (`str`, *optional*): the export's tag when already computed (default: :func:`export_tag`).
+    """
+    return run.folder.root / f".hub.building-{tag or export_tag(run)}"
 
 
 def export_shards(run: Run, indices: Iterable[int]) -> None:
@@ -88,28 +98,36 @@ def export_shards(run: Run, indices: Iterable[int]) -> None:
     Part ``i`` of every (config, split) holds the rows of windows shard ``i``, so any task may
     write any shard and the file names do not depend on how the work was split.
     """
-    import pyarrow as pa
+    write_shard = shard_writer(run)
+    for index in indices:
+        write_shard(index)
+
+
+def shard_writer(run: Run, tag: str | None = None) -> Callable[[int], None]:
+    """A function that writes the parts of one windows shard (:func:`export_shards`); the selection is read once.
+
+    Args:
+        tag (`str`, *optional*): the export's tag when already computed (default: :func:`export_tag`).
+    """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from ..publication import ExportWriter, check_export_folder, split_names
-    from .windows_step import kept_mask
+    from .windows_step import keep_within_cap
 
     stats = run.windows_stats()
     selection = pq.read_table(run.folder.selection)
     mapping = split_names(sorted(stats["categories"]))
     check_export_folder(run.folder.hub, overwrite=True)
-    building = building_folder(run)
-    writer = ExportWriter(building, export_tag(run), len(stats["shards"]))
+    tag = tag or export_tag(run)
+    writer = ExportWriter(building_folder(run, tag), tag, len(stats["shards"]))
     offsets = [0]
     for shard in stats["shards"]:
         offsets.append(offsets[-1] + shard["kept"])
-    for index in indices:
+
+    def write_shard(index: int) -> None:
         shard = stats["shards"][index]
-        windows = pq.read_table(run.folder.windows / f"{shard['name']}.parquet")
-        if stats["cap"]:
-            windows = windows.filter(pa.array(kept_mask(windows.column(V.ID).to_pylist(),
-                                                        windows.column(V.CATEGORY).to_pylist(), stats["cap"])))
+        windows = keep_within_cap(pq.read_table(run.folder.windows / f"{shard['name']}.parquet"), stats["cap"])
         rows = selection.slice(offsets[index], windows.num_rows)
         if not windows.column(V.ID).equals(rows.column(V.ID)):
             raise LongAttnError(f"{run.folder.selection} does not match the windows: run the `select` step again")
@@ -118,6 +136,8 @@ def export_shards(run: Run, indices: Iterable[int]) -> None:
             mine = table.filter(pc.equal(table.column(V.CATEGORY), category))
             writer.write("scored", split, index, mine)
             writer.write("filtered", split, index, mine.filter(pc.fill_null(mine.column(V.SELECTED), False)))
+
+    return write_shard
 
 
 def _with_text_and_scores(run: Run, windows: Any, scores: Any) -> Any:
@@ -142,7 +162,9 @@ def finish_export_folder(run: Run) -> Path:
     selection = pq.read_table(run.folder.selection)
     run_summary = summary(run, selection)
     mapping = split_names(sorted(run_summary["categories"]))
-    building, tag = building_folder(run), export_tag(run)
+    selection_sha256 = sha256_file(run.folder.selection)
+    tag = export_tag(run, selection_sha256)
+    building = building_folder(run, tag)
     writer = ExportWriter(building, tag, len(run.windows_stats()["shards"])).scan()
     schema = writer.schema()
     data_files, empty = writer.finish(list(mapping.values()), schema)
@@ -159,7 +181,7 @@ def finish_export_folder(run: Run) -> Path:
                   plots=_can_plot(), repo_id=run.config.push_to_hub, license=run.config.license,
                   pretty_name=run.config.pretty_name, tag=tag)
     _keep_other_files(run.folder.hub, building)
-    atomic_write_json(building / EXPORT_RECORD, {"tag": tag, "selection": sha256_file(run.folder.selection),
+    atomic_write_json(building / EXPORT_RECORD, {"tag": tag, "selection": selection_sha256,
                                                  "windows": run.windows_stats()["digest"]})
     replace_folder(building, run.folder.hub)
     for stale in run.folder.root.glob(".hub.building-*"):  # exports of earlier selections, never finished

@@ -67,7 +67,8 @@ class LongAttnPipeline:
             score_step.score(self.run_state)
 
     def merged_scores(self, windows: Any = None) -> Any:
-        return score_step.merged_scores(self.run_state, windows)
+        """All score chunks, checked (`score_step.merged_scores`); ``windows`` is ignored, kept for compatibility."""
+        return score_step.merged_scores(self.run_state)
 
     def select(self) -> dict[str, Any]:
         with self.run_state.locked():

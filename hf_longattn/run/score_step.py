@@ -15,12 +15,12 @@ from typing import Any
 
 from .. import vocabulary as V
 from ..errors import LongAttnError
-from .chunks import check_chunk, score_chunk, write_chunk
+from .chunks import check_chunk, check_chunk_record, score_chunk, write_chunk
 from .context import Run
 from .layout import chunk_name
 from .lock import claimed, release_claim
 from .storage import atomic_write, atomic_write_json, read_json, remove_stale_temporaries
-from .windows_step import build_windows, kept_mask, prepare
+from .windows_step import build_windows, keep_within_cap, kept_mask, load_kept_windows, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _keep_reusable_scores(run: Run, plan: dict[str, Any]) -> None:
         index = int(marker.stem.split("-")[1])
         expected = plan["chunks"][index] if index < len(plan["chunks"]) else None
         record = _marker(marker)
-        if record.get("fingerprint") == fingerprint and check_chunk(scores, index, record.get("rows"), fingerprint) is None:
+        if check_chunk_record(scores, index, record, record.get("rows"), fingerprint) is None:
             table = pq.read_table(run.folder.chunk_parquet(index))
             if V.WINDOW_HASH in table.column_names:
                 tables.append(table)
@@ -89,6 +89,9 @@ def _keep_reusable_scores(run: Run, plan: dict[str, Any]) -> None:
             stale.append(index)
     if tables:
         reuse = pa.concat_tables(tables, promote_options="default")
+        last = {h: i for i, h in enumerate(reuse.column(V.WINDOW_HASH).to_pylist())}  # the row `reuse_index` uses
+        if len(last) < reuse.num_rows:
+            reuse = reuse.take(pa.array(sorted(last.values()), pa.int64()))
         atomic_write(scores / REUSE_FILE, lambda tmp: pq.write_table(reuse, tmp))
     for index in stale:
         run.folder.chunk_marker(index).unlink(missing_ok=True)
@@ -151,12 +154,7 @@ def chunk_windows(run: Run, chunk: dict[str, Any]) -> Any:
     from .units import check_window_hashes, read_rows
 
     path = run.folder.windows / f"{chunk['shard']}.parquet"
-    table = read_rows(path, chunk["start"], chunk["stop"])
-    cap = run.windows_stats()["cap"]
-    if cap:
-        import pyarrow as pa
-
-        table = table.filter(pa.array(kept_mask(table.column(V.ID).to_pylist(), table.column(V.CATEGORY).to_pylist(), cap)))
+    table = keep_within_cap(read_rows(path, chunk["start"], chunk["stop"]), run.windows_stats()["cap"])
     if table.num_rows != chunk["rows"]:
         raise LongAttnError(f"{path} holds {table.num_rows} windows where the plan expects {chunk['rows']}: the windows "
                             f"changed under the plan. Delete {run.folder.scores / PLAN_FILE} and relaunch.")
@@ -207,7 +205,7 @@ def _assemble(windows: Any, scored: Any, missing: list[int], known: list, reuse:
                      V.WINDOW_HASH: windows.column(V.WINDOW_HASH), **columns}, schema=schema)
 
 
-def merged_scores(run: Run, windows: Any = None) -> Any:
+def merged_scores(run: Run) -> Any:
     """All chunks concatenated in plan order, each checked against the windows it must hold.
 
     Returns:
@@ -240,26 +238,3 @@ def merged_scores(run: Run, windows: Any = None) -> Any:
         raise LongAttnError(f"the score chunks do not hold the windows of {run.folder.windows}: delete {scores} and "
                             "run the `score` step again")
     return merged
-
-
-def chunk_files(run: Run) -> list[Any]:
-    """The score files of every planned chunk, in plan order (for fitting straight from them)."""
-    plan = read_json(run.folder.scores / PLAN_FILE, what="the chunk plan", remedy="run the `score` step")
-    return [run.folder.chunk_parquet(index) for index in range(len(plan["chunks"]))]
-
-
-def load_kept_windows(run: Run, columns: list[str]) -> Any:
-    """Some columns of every kept window, in plan order, as one `pyarrow.Table` (``id`` and ``category`` are read too)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    stats = run.windows_stats()
-    wanted = list(dict.fromkeys([V.ID, V.CATEGORY, *columns]))
-    tables = []
-    for shard in stats["shards"]:
-        table = pq.read_table(run.folder.windows / f"{shard['name']}.parquet", columns=wanted)
-        if stats["cap"]:
-            table = table.filter(pa.array(kept_mask(table.column(V.ID).to_pylist(),
-                                                    table.column(V.CATEGORY).to_pylist(), stats["cap"])))
-        tables.append(table.select(columns))
-    return pa.concat_tables(tables)

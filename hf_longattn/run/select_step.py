@@ -10,8 +10,8 @@ from typing import Any
 
 from .. import vocabulary as V
 from ..selection import LongAttnSelector
-from .context import STEPS, Run
-from .score_step import chunk_files, merged_scores
+from .context import Run
+from .score_step import merged_scores
 from .storage import atomic_write, atomic_write_json, read_json
 from .windows_step import prepare
 
@@ -39,7 +39,7 @@ def _select(run: Run) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     scores = merged_scores(run)  # every chunk checked against the windows it must hold
-    selector = selector_of(run).fit_files(chunk_files(run))
+    selector = selector_of(run).fit(scores)
     lds: list = []
     selected: list = []
     step = 65536
@@ -64,9 +64,9 @@ def selection_is_current(run: Run) -> bool:
     return saved.get("config") == selector_of(run).config
 
 
-def load_selector(run: Run) -> LongAttnSelector:
-    """The fitted selector saved in ``selector.json``."""
-    data = read_json(run.folder.selector, what="the fitted selector", remedy="delete it and run the `select` step")
+def load_selector(run: Run, remedy: str = "delete it and run the `select` step") -> LongAttnSelector:
+    """The fitted selector saved in ``selector.json`` (``remedy``: what the error says to do if it is missing or bad)."""
+    data = read_json(run.folder.selector, what="the fitted selector", remedy=remedy)
     return LongAttnSelector.from_dict(data)
 
 
@@ -89,9 +89,6 @@ def summary(run: Run, selection: Any = None, selector: LongAttnSelector | None =
         selector = load_selector(run)
     thresholds = {row["group"]: row["threshold"] for row in selector.summary()}
     config = run.config
-    order = [*STEPS, "total"]
-    timings = {**run.saved_timings(), **run.timings}
-    timings = dict(sorted(timings.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     return {
         "model": config.model,
         "window_size": config.window_size,
@@ -102,5 +99,5 @@ def summary(run: Run, selection: Any = None, selector: LongAttnSelector | None =
         "keep_fraction": config.keep_fraction,
         "selection_method": config.selection_method,
         "categories": category_counts(selection, run.windows_stats()["categories"], thresholds),
-        "timings": timings,
+        "timings": run.all_timings(),
     }

@@ -63,7 +63,7 @@ def window_documents(documents: Iterable[dict[str, Any]], tokenizer: Any, *, win
     import pyarrow as pa
 
     from ..tokenization import document_token_ids
-    from ..windows import SlidingWindows
+    from ..windows import SlidingWindows, num_windows
 
     windowing = SlidingWindows(None, window_size, faithful=faithful, decode=False)
     schema = windows_schema()
@@ -82,11 +82,13 @@ def window_documents(documents: Iterable[dict[str, Any]], tokenizer: Any, *, win
             continue
         columns = {name: [d.get(name) for d in long_enough] for name in (V.ID, V.TEXT, V.INPUT_IDS, *CARRIED)}
         token_ids = document_token_ids(tokenizer, columns, V.TEXT)
-        for document, ids in zip(long_enough, token_ids):
+        lengths = [len(ids) for ids in token_ids]
+        too_short = (num_windows(lengths, window_size, faithful) == 0).tolist()  # no window at all
+        for document, length, short in zip(long_enough, lengths, too_short):
             category = counts[document[V.CATEGORY]]
-            category["tokens_documents"] += len(ids)
-            category["documents_too_short"] += len(ids) < window_size or (faithful and len(ids) == window_size)
-        columns.update({V.INPUT_IDS: token_ids, V.DOC_NUM_TOKENS: [len(ids) for ids in token_ids]})
+            category["tokens_documents"] += length
+            category["documents_too_short"] += short
+        columns.update({V.INPUT_IDS: token_ids, V.DOC_NUM_TOKENS: lengths})
         del columns[V.TEXT]
         windows = windowing(columns)
         for category in windows[V.CATEGORY]:

@@ -11,7 +11,6 @@ the sources' manifest, the shards in order, counts per category and the per-cate
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from .. import vocabulary as V
 from ..errors import LongAttnError
 from .context import Run
 from .lock import claimed, release_claim
-from .storage import atomic_write_json, read_json, remove_stale_temporaries, sha256_file
+from .storage import atomic_write_json, json_sha256, read_json, remove_stale_temporaries, sha256_file
 
 STATS_FORMAT = 2
 
@@ -76,7 +75,7 @@ def windows_identity(run: Run) -> str:
     config = run.config
     identity = {"checkpoint": run.scorer.identity(), "tokenizer": config.tokenizer, "window_size": config.window_size,
                 "faithful": config.faithful, "hf_longattn_version": __version__}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return json_sha256(identity)
 
 
 def shard_name(input_identity: str, identity: str) -> str:
@@ -155,7 +154,7 @@ def _window_claimed_shards(run: Run, plan: list, names: list[str], identity: str
         running: dict[Any, int] = {}
         for index in shards:  # at most num_proc claimed shards in flight
             running[pool.submit(_window_in_worker, run.config.to_dict(), plan[index], names[index], identity)] = index
-            while len(running) >= run.config.num_proc or (running and index == todo[-1]):
+            while len(running) >= run.config.num_proc:
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in finished:
                     future.result()  # a worker's error stops the step, clearly, on this process
@@ -165,11 +164,17 @@ def _window_claimed_shards(run: Run, plan: list, names: list[str], identity: str
             release_claim(folder / f"{names[running.pop(future)]}.claim")
 
 
+_WORKER_RUN: dict[str, Any] = {}
+"""In a ``num_proc`` worker process: its `Run` and the configuration it was built from (one tokenizer load per worker)."""
+
+
 def _window_in_worker(config: dict[str, Any], shard: Any, name: str, identity: str) -> dict[str, Any]:
     from ..config import RunConfig
     from .executor import TaskExecutor
 
-    return window_one_shard(Run(RunConfig.from_dict(config), TaskExecutor(), progress=False), shard, name, identity)
+    if _WORKER_RUN.get("config") != config:
+        _WORKER_RUN.update(config=config, run=Run(RunConfig.from_dict(config), TaskExecutor(), progress=False))
+    return window_one_shard(_WORKER_RUN["run"], shard, name, identity)
 
 
 def window_one_shard(run: Run, shard: Any, name: str, identity: str) -> dict[str, Any]:
@@ -218,7 +223,7 @@ def write_stats(run: Run, plan: list, names: list[str], identity: str) -> None:
     records = [read_json(folder / f"{name}.json", what="a windows shard record",
                          remedy=f"delete {folder / name}.* and relaunch") for name in names]
     ids, categories, keys = _window_keys(run, names)
-    _check_unique(ids, names, records)
+    _check_unique(ids)
     from ..publication import split_names
 
     try:
@@ -240,7 +245,7 @@ def write_stats(run: Run, plan: list, names: list[str], identity: str) -> None:
                        "sha256": record["sha256"]})
         offset += rows
     totals = {key: sum(s[key] for s in stats.values()) for key in next(iter(stats.values()))}
-    digest = hashlib.sha256(json.dumps([shards, cap], sort_keys=True).encode()).hexdigest()
+    digest = json_sha256([shards, cap])
     atomic_write_json(run.folder.windows_stats, {
         "format": STATS_FORMAT, "identity": identity, "window_size": run.config.window_size,
         "faithful": run.config.faithful, "digest": digest, "manifest": manifest(plan), "shards": shards, "cap": cap,
@@ -269,7 +274,7 @@ def window_key(window_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(window_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def _check_unique(ids: list[str], names: list[str], records: list[dict]) -> None:
+def _check_unique(ids: list[str]) -> None:
     if len(set(ids)) == len(ids):
         return
     seen: set[str] = set()
@@ -302,6 +307,15 @@ def kept_mask(ids: list[str], categories: list[str], cap: dict[str, list]) -> np
         return np.ones(len(ids), dtype=bool)
     return np.array([category not in cap or (window_key(i), i) <= (cap[category][0], cap[category][1])
                      for i, category in zip(ids, categories)], dtype=bool)
+
+
+def keep_within_cap(table: Any, cap: dict[str, list]) -> Any:
+    """The rows of a `pyarrow.Table` of windows that the cap keeps (:func:`kept_mask`); ``table`` itself when no cap."""
+    if not cap:
+        return table
+    import pyarrow as pa
+
+    return table.filter(pa.array(kept_mask(table.column(V.ID).to_pylist(), table.column(V.CATEGORY).to_pylist(), cap)))
 
 
 def _category_stats(run: Run, records: list[dict], categories: np.ndarray, kept: np.ndarray) -> dict[str, dict[str, int]]:
@@ -338,15 +352,23 @@ def _print_stats(run: Run, stats: dict[str, dict[str, int]], totals: dict[str, i
     ))
 
 
-def load_windows(run: Run, columns: list[str] | None = None) -> Any:
+def load_windows(run: Run) -> Any:
     """The kept windows of a run, in plan order, as a `datasets.Dataset` (read into memory: for small runs and tests)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from datasets import Dataset
 
+    return Dataset(load_kept_windows(run))
+
+
+def load_kept_windows(run: Run, columns: list[str] | None = None) -> Any:
+    """Some columns (default: all) of every kept window, in plan order, as one `pyarrow.Table`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     stats = run.windows_stats()
-    tables = [pq.read_table(run.folder.windows / f"{s['name']}.parquet", columns=columns) for s in stats["shards"]]
-    table = pa.concat_tables(tables)
-    mask = kept_mask(table.column(V.ID).to_pylist(), table.column(V.CATEGORY).to_pylist(), stats["cap"]) \
-        if stats["cap"] and V.ID in table.column_names else None
-    return Dataset(table.filter(pa.array(mask)) if mask is not None else table)
+    wanted = None if columns is None else list(dict.fromkeys([V.ID, V.CATEGORY, *columns]))  # the cap reads both
+    tables = []
+    for shard in stats["shards"]:
+        table = keep_within_cap(pq.read_table(run.folder.windows / f"{shard['name']}.parquet", columns=wanted),
+                                stats["cap"])
+        tables.append(table if columns is None else table.select(columns))
+    return pa.concat_tables(tables)
