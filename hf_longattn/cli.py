@@ -197,8 +197,11 @@ def config_from_args(args: argparse.Namespace):
     return RunConfig.from_yaml(args.config, overrides)
 
 
-def _no_progress_bars() -> None:
-    """Silence the progress bars of datasets and huggingface_hub too (here, and in processes started from here)."""
+def no_progress_bars() -> None:
+    """Silence the progress bars of datasets and huggingface_hub (here, and in processes started from here).
+
+    What ``--no-progress`` does besides the job's own bars; the recipes call it too.
+    """
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     import datasets
@@ -228,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     if getattr(args, "no_progress", False):
-        _no_progress_bars()
+        no_progress_bars()
     logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING, format="%(message)s")
     logging.getLogger("hf_longattn").setLevel(logging.INFO if _is_main_process() else logging.WARNING)
     from .errors import LongAttnError

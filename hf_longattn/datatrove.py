@@ -22,7 +22,6 @@ step                          tasks      does
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -34,41 +33,31 @@ except ImportError as error:  # the `datatrove` extra is not installed
     raise ImportError(f"hf_longattn.datatrove needs datatrove ({error}): pip install hf-longattn[datatrove]") from error
 
 from . import vocabulary as V
-from .config import RunConfig
 from .errors import LongAttnError
 from .run import stages
-from .run.layout import RunFolder
-from .run.score_step import PLAN_FILE
-from .run.storage import read_json
-from .run.windows_step import kept_mask, windows_plan
-from .selection import LongAttnSelector
+from .run.select_step import load_selector
+from .run.windows_step import keep_within_cap
 
 SINGLE_TASK_STAGES = ("plan", "fit", "finish")
 """Stages whose executor must have exactly one task."""
 
 
 def config_dict(config: Any) -> dict[str, Any]:
-    """A `RunConfig`, its dict or a YAML path, as the validated plain dict steps store (datatrove pickles steps)."""
-    if isinstance(config, RunConfig):
-        return config.to_dict()
-    if isinstance(config, (str, os.PathLike)):
-        return RunConfig.from_yaml(config).to_dict()
-    if isinstance(config, Mapping):
-        return RunConfig.from_dict(config).to_dict()
-    raise TypeError(f"config must be a RunConfig, a dict or a YAML path, got {type(config).__name__}")
+    """A `RunConfig`, its dict or a YAML path, as the validated plain dict steps store (datatrove pickles steps).
+
+    Raises a `TypeError` for anything else (`hf_longattn.run.stages.as_run_config`).
+    """
+    return stages.as_run_config(config).to_dict()
 
 
-def task_device(rank: int) -> str | None:
-    """The GPU of a score task: ``None`` (CPU) without CUDA; ``cuda:0`` on Slurm and Ray, where a task sees only its
-    own GPU(s); under `LocalPipelineExecutor` the pool worker's number picks it (``workers`` ≤ GPUs never share one)."""
+def task_local_rank(rank: int) -> int:
+    """The local rank of a score task, which picks its GPU (``cuda:<local rank mod GPUs>``, else the CPU): under
+    `LocalPipelineExecutor` the pool worker's number (``workers`` ≤ GPUs never share one); else ``rank`` (on Slurm
+    and Ray a task sees only its own GPU, ``cuda:0``)."""
     import multiprocess
-    import torch
 
-    if not torch.cuda.is_available():
-        return None
     identity = multiprocess.current_process()._identity  # (k,) in the k-th worker process of a pool
-    slot = identity[-1] - 1 if identity else rank
-    return f"cuda:{slot % torch.cuda.device_count()}"
+    return identity[-1] - 1 if identity else rank
 
 
 class _LongAttnStage(PipelineStep):
@@ -117,15 +106,7 @@ class LongAttnWindows(_LongAttnStage):
     name = "🪟 LongAttn windows"
 
     def run_task(self, rank: int, world_size: int) -> dict[str, int]:
-        counts = dict(stages.windows_stage(self.config, rank, world_size))
-        run = stages.task_run(self.config, rank, world_size)
-        _, names, _ = windows_plan(run)
-        for name in names[rank::world_size]:
-            for category in read_json(run.folder.windows / f"{name}.json")["categories"].values():
-                for key, value in category.items():
-                    key = "windows_cut" if key == "windows" else key
-                    counts[key] = counts.get(key, 0) + value
-        return counts
+        return stages.windows_stage(self.config, rank, world_size)
 
 
 class LongAttnPlan(_LongAttnStage):
@@ -155,8 +136,8 @@ class LongAttnScore(_LongAttnStage):
 
     Args:
         config (`RunConfig`, `dict` or `str`): the run; stored as a dict.
-        device (`str`, *optional*): where to score, e.g. ``"cuda:1"``; default: :func:`task_device`
-            (the task's own GPU, else the CPU).
+        device (`str`, *optional*): where to score, e.g. ``"cuda:1"``; default: the task's own GPU
+            (see :func:`task_local_rank`), else the CPU.
 
     Example:
 
@@ -171,22 +152,7 @@ class LongAttnScore(_LongAttnStage):
         self.device = device
 
     def run_task(self, rank: int, world_size: int) -> dict[str, int]:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-
-        device = self.device if self.device is not None else task_device(rank)
-        done = stages.score_stage(self.config, rank, world_size, device)
-        folder = stages.task_run(self.config, rank, world_size).folder
-        mine = range(rank, len(read_json(folder.scores / PLAN_FILE)["chunks"]), world_size)
-        counts = {"chunks": len(mine), "chunks_scored": done["chunks"], "chunks_skipped": len(mine) - done["chunks"],
-                  "windows": 0, "windows_scored": done["windows_scored"], "scored_ok": 0}
-        for index in mine:
-            status = pq.read_table(folder.chunk_parquet(index), columns=[V.STATUS]).column(V.STATUS)
-            counts["windows"] += len(status)
-            counts["scored_ok"] += pc.sum(pc.equal(status, V.OK)).as_py() or 0
-        counts["not_ok"] = counts["windows"] - counts["scored_ok"]
-        return counts
+        return stages.score_stage(self.config, rank, world_size, self.device, task_local_rank(rank))
 
 
 class LongAttnFit(_LongAttnStage):
@@ -286,13 +252,9 @@ class LongAttnScoredWindows(PipelineStep):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-
         cap, path, offset = run.windows_stats()["cap"], run.folder.windows / f"{name}.parquet", 0
         for batch in pq.ParquetFile(path).iter_batches(batch_size=self.batch_size):
-            table = pa.Table.from_batches([batch])
-            if cap:
-                table = table.filter(pa.array(kept_mask(table.column(V.ID).to_pylist(),
-                                                        table.column(V.CATEGORY).to_pylist(), cap)))
+            table = keep_within_cap(pa.Table.from_batches([batch]), cap)
             scores = selection.slice(offset, table.num_rows)
             offset += table.num_rows
             if not table.column(V.ID).equals(scores.column(V.ID)):
@@ -337,9 +299,7 @@ class LongAttnSelect(BaseFilter):
     def selector(self) -> Any:
         """The fitted `LongAttnSelector` of ``selector.json`` (read once per process)."""
         if self._selector is None:
-            path = RunFolder(self.config["output_dir"]).selector
-            self._selector = LongAttnSelector.from_dict(read_json(path, what="the fitted selector",
-                                                                  remedy="run the fit stage"))
+            self._selector = load_selector(stages.task_run(self.config), remedy="run the fit stage")
         return self._selector
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:

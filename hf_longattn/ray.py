@@ -43,13 +43,8 @@ __all__ = ["LongAttnChunkScorer", "LongAttnScorerActor", "LongAttnWindowsUDF", "
 logger = logging.getLogger(__name__)
 
 
-def as_run_config(config: RunConfig | Mapping[str, Any] | str | Path) -> RunConfig:
-    """A `RunConfig` from itself, its dict (what travels to Ray tasks) or a YAML path: ``as_run_config("my.yaml")``."""
-    if isinstance(config, RunConfig):
-        return config
-    if isinstance(config, (str, Path)):
-        return RunConfig.from_yaml(config)
-    return RunConfig.from_dict(dict(config))
+as_run_config = stages.as_run_config
+"""A `RunConfig` from itself, its dict (what travels to Ray tasks) or a YAML path: ``as_run_config("my.yaml")``."""
 
 
 # -- batches of any format ------------------------------------------------------------------------
@@ -215,7 +210,7 @@ class LongAttnChunkScorer:
     """
 
     def __init__(self, config: Any, device: str | None = None) -> None:
-        self.run = stages.task_run(as_run_config(config), device=device)
+        self.run = stages.task_run(config, device=device)
         self.plan = read_json(self.run.folder.scores / score_step.PLAN_FILE, what="the chunk plan",
                               remedy="run the plan stage")
         self.reuse: dict[str, Any] | None = None
@@ -250,7 +245,7 @@ def pending_chunks(config: Any) -> list[int]:
     >>> stages.plan_stage(config); pending_chunks(config)  # doctest: +SKIP
     [0, 1, 2, 5]
     """
-    return stages.pending_chunks(as_run_config(config))
+    return stages.pending_chunks(config)
 
 
 def score_pending_chunks(config: Any, pending: list[int], *, concurrency: int = 1, num_gpus: float = 0,

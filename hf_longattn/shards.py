@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
+import itertools
 import json
 import logging
 import os
@@ -127,7 +127,7 @@ def read_shard(sources: Sequence[SourceConfig], shard: InputShard) -> Iterator[d
     elif source.hub is not None:
         rows = (doc for file in shard.files for doc in _read_hub_file(source, file))
     else:
-        root = _path_files(source)[0]
+        root = _path_root(source)
         rows = (doc for file in shard.files for doc in _read_path_file(source, root, Path(file)))
     for count, row in enumerate(rows):
         if source.limit is not None and count >= source.limit:
@@ -141,11 +141,17 @@ def _embedded_documents(source: SourceConfig) -> Iterator[dict[str, Any]]:
     return ({**doc, V.CATEGORY: category} for doc in raw)
 
 
-def _path_files(source: SourceConfig) -> tuple[Path, list[Path]]:
-    """The root of a ``path:`` source and its files, sorted (hidden files and unknown types left out, with a warning)."""
+def _path_root(source: SourceConfig) -> Path:
+    """The file or folder of a ``path:`` source (``~`` expanded); raises `FileNotFoundError` if it does not exist."""
     root = Path(source.path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"Source path {source.path} does not exist")
+    return root
+
+
+def _path_files(source: SourceConfig) -> tuple[Path, list[Path]]:
+    """The root of a ``path:`` source and its files, sorted (hidden files and unknown types left out, with a warning)."""
+    root = _path_root(source)
     if root.is_file():
         return root, [root]
     files = sorted(p for p in root.rglob("*")
@@ -245,7 +251,8 @@ def _iter_record_file(file: str | Path) -> Iterator[dict[str, Any]]:
             if head == b"[":  # a JSON array of records
                 yield from json.loads(_decode(head + binary.read(), file, 1))
                 return
-            binary = io.BufferedReader(io.BytesIO(head + binary.read())) if head else binary
+            if head:  # JSON lines: the first one with its peeked byte back, then the rest, streamed
+                binary = itertools.chain([head + binary.readline()], binary)
         for number, line in enumerate(binary, start=1):
             if line.strip():
                 try:

@@ -242,7 +242,8 @@ def _pydoc_document(index: int, parts: list[str], names: list[str], version: str
 def iter_documents(source: SourceConfig) -> Iterator[dict[str, Any]]:
     """The documents of one source as dicts with :data:`DOCUMENT_COLUMNS`, at most ``source.limit`` of them.
 
-    Reads its input shards in order (`hf_longattn.shards`), streamed.
+    Reads its input shards in order (`hf_longattn.shards`), streamed; a source with a ``limit`` is one
+    shard, which `hf_longattn.shards.read_shard` stops at the limit.
 
     Example:
 
@@ -252,13 +253,8 @@ def iter_documents(source: SourceConfig) -> Iterator[dict[str, Any]]:
     """
     from .shards import plan_input_shards, read_shard
 
-    count = 0
     for shard in plan_input_shards([source]):
-        for document in read_shard([source], shard):
-            if source.limit is not None and count >= source.limit:
-                return
-            count += 1
-            yield document
+        yield from read_shard([source], shard)
 
 
 def read_sources(sources: list[SourceConfig] | SourceConfig) -> Any:

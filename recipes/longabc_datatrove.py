@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -59,10 +58,10 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from hf_longattn.cli import add_config_arguments, config_from_args
+    from hf_longattn.cli import add_config_arguments, config_from_args, no_progress_bars
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_longattn.cli import add_config_arguments, config_from_args
+    from hf_longattn.cli import add_config_arguments, config_from_args, no_progress_bars
 
 PRELOAD = ["__main__", "torch", "transformers", "datasets", "pyarrow.parquet", "hf_longattn.datatrove",
            "hf_longattn.scorer"]
@@ -173,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hf_longattn.run.windows_step import check_push
 
     args = build_parser().parse_args(argv)
-    if args.no_progress:  # read by datasets and huggingface_hub when they are imported
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if args.no_progress:  # here and in the workers, which read the environment
+        no_progress_bars()
     if args.tasks < 1:
         raise SystemExit("--tasks must be at least 1")
     if args.executor == "slurm" and not args.partition:

@@ -35,16 +35,15 @@ each step. The options are those of `hf-longattn run` (`python recipes/longabc_r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 try:
-    from hf_longattn.cli import add_config_arguments, config_from_args
+    from hf_longattn.cli import add_config_arguments, config_from_args, no_progress_bars
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_longattn.cli import add_config_arguments, config_from_args
+    from hf_longattn.cli import add_config_arguments, config_from_args, no_progress_bars
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the options, connect to (or start) Ray, run the job, print the summary; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.no_progress:
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        no_progress_bars()
     try:
         config = config_from_args(args)
         import ray

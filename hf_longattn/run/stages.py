@@ -20,9 +20,12 @@ file names, so runs on different engines can be compared file by file.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import vocabulary as V
 from ..config import RunConfig
 from . import export_step, score_step, select_step, windows_step
 from .context import Run
@@ -32,28 +35,53 @@ from .storage import atomic_write_json, read_json
 STAGES = ("windows", "plan", "score", "fit", "export", "finish")
 
 
-def task_run(config: RunConfig | dict | str, rank: int = 0, world_size: int = 1, device: str | None = None) -> Run:
-    """The `Run` of one task: ``config`` (a `RunConfig`, its dict or a YAML path), task ``rank`` of ``world_size``."""
-    if isinstance(config, (str, Path)):
-        config = RunConfig.from_yaml(config)
-    elif isinstance(config, dict):
-        config = RunConfig.from_dict(config)
-    return Run(config, TaskExecutor(rank, world_size, device), progress=False)
+def as_run_config(config: RunConfig | Mapping[str, Any] | str | os.PathLike) -> RunConfig:
+    """A `RunConfig` from itself, its dict (what travels to other tasks) or a YAML path: ``as_run_config("my.yaml")``.
+
+    Raises a `TypeError` for anything else.
+    """
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return RunConfig.from_yaml(config)
+    if isinstance(config, Mapping):
+        return RunConfig.from_dict(dict(config))
+    raise TypeError(f"config must be a RunConfig, a dict or a YAML path, got {type(config).__name__}")
+
+
+def task_run(config: RunConfig | Mapping[str, Any] | str | os.PathLike, rank: int = 0, world_size: int = 1,
+             device: str | None = None, local_rank: int = 0) -> Run:
+    """The `Run` of one task: ``config`` (see :func:`as_run_config`), task ``rank`` of ``world_size``.
+
+    Without ``device``, the task scores on ``cuda:<local_rank>`` when there is a GPU, else the CPU.
+    """
+    return Run(as_run_config(config), TaskExecutor(rank, world_size, device, local_rank), progress=False)
 
 
 def windows_stage(config: Any, rank: int = 0, world_size: int = 1) -> dict[str, int]:
-    """Window this task's input shards (those not done and checked); returns what it did."""
+    """Window this task's input shards (those not done and checked); returns what it did.
+
+    Returns:
+        `dict[str, int]`: ``input_shards``, ``input_shards_built`` (the others were valid), and the sums
+        over the records of its windows shards of ``documents``, ``documents_too_short``,
+        ``tokens_documents`` and ``windows_cut`` (windows before ``max_windows_per_category``).
+    """
     run = task_run(config, rank, world_size)
     windows_step.prepare(run)
     plan, names, identity = windows_step.windows_plan(run)
-    done = built = 0
+    counts = {"input_shards": 0, "input_shards_built": 0}
     for index in range(rank, len(plan), world_size):
+        counts["input_shards"] += 1
         if windows_step.shard_is_valid(run, names[index], plan[index], identity):
-            done += 1
-            continue
-        windows_step.window_one_shard(run, plan[index], names[index], identity)
-        built += 1
-    return {"input_shards": done + built, "input_shards_built": built}
+            record = read_json(run.folder.windows / f"{names[index]}.json")
+        else:
+            record = windows_step.window_one_shard(run, plan[index], names[index], identity)
+            counts["input_shards_built"] += 1
+        for category in record["categories"].values():
+            for key, value in category.items():
+                key = "windows_cut" if key == "windows" else key
+                counts[key] = counts.get(key, 0) + value
+    return counts
 
 
 def plan_stage(config: Any) -> dict[str, int]:
@@ -68,17 +96,34 @@ def plan_stage(config: Any) -> dict[str, int]:
     return {"windows": run.windows_stats()["total"]["windows"], "chunks": len(chunks["chunks"])}
 
 
-def score_stage(config: Any, rank: int = 0, world_size: int = 1, device: str | None = None) -> dict[str, int]:
-    """Score this task's chunks (``j ≡ rank``) that have no valid marker; resumable chunk by chunk."""
-    run = task_run(config, rank, world_size, device)
+def score_stage(config: Any, rank: int = 0, world_size: int = 1, device: str | None = None,
+                local_rank: int = 0) -> dict[str, int]:
+    """Score this task's chunks (``j ≡ rank``) that have no valid marker; resumable chunk by chunk.
+
+    Returns:
+        `dict[str, int]`: ``chunks`` (its own), ``chunks_scored`` (now), ``chunks_skipped`` (valid
+        already), ``windows`` (of its chunks), ``windows_scored`` (now), ``scored_ok`` and ``not_ok``
+        (statuses of the windows of its chunks).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    run = task_run(config, rank, world_size, device, local_rank)
     plan = read_json(run.folder.scores / score_step.PLAN_FILE, what="the chunk plan", remedy="run the plan stage")
+    mine = range(rank, len(plan["chunks"]), world_size)
     todo = [j for j in pending_chunks(run, plan) if j % world_size == rank]
     reuse = score_step.reuse_index(run) if todo else {}
-    windows = 0
+    counts = {"chunks": len(mine), "chunks_scored": len(todo), "chunks_skipped": len(mine) - len(todo),
+              "windows": 0, "windows_scored": 0, "scored_ok": 0}
     for index in todo:
         score_step.score_one_chunk(run, index, plan["chunks"][index], reuse, lambda n: None)
-        windows += plan["chunks"][index]["rows"]
-    return {"chunks": len(todo), "windows_scored": windows}
+        counts["windows_scored"] += plan["chunks"][index]["rows"]
+    for index in mine:
+        status = pq.read_table(run.folder.chunk_parquet(index), columns=[V.STATUS]).column(V.STATUS)
+        counts["windows"] += len(status)
+        counts["scored_ok"] += pc.sum(pc.equal(status, V.OK)).as_py() or 0
+    counts["not_ok"] = counts["windows"] - counts["scored_ok"]
+    return counts
 
 
 def pending_chunks(run: Run | Any, plan: dict[str, Any] | None = None) -> list[int]:
