@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from hf_longattn.config import RunConfig
 from hf_longattn.errors import LongAttnError
 from hf_longattn.model_loading import resolve_model
 from hf_longattn.pipeline import PipelineConfig

@@ -12,7 +12,6 @@ import pytest
 from hf_longattn.cli import main
 from hf_longattn.errors import LongAttnError
 from hf_longattn.run import storage
-from hf_longattn.run.job import LongAttnPipeline
 from hf_longattn.run.storage import atomic_folder, read_json
 
 from .helpers import tiny_config
