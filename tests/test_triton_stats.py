@@ -30,7 +30,8 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
-@pytest.mark.skipif(INTERPRETER, reason="the interpreter tests run in this process")
+@pytest.mark.skipif(INTERPRETER, reason="for a CUDA GPU machine (without a GPU, conftest turns the Triton interpreter on "
+                                        "and the interpreter tests run in this process)")
 def test_interpreter_tests_in_subprocess():
     root = Path(__file__).resolve().parents[1]
     python_path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
