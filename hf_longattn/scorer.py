@@ -107,14 +107,14 @@ class LongAttnScorer:
     ``longattn_status`` (one of `hf_longattn.vocabulary.STATUSES`: ``ok``, ``empty``, ``missing``,
     ``too_short``, ``bad_token``, ``oom``, ``non_finite``, ``error``), ``longattn_status_detail``
     (the reason in words, null when ok), and the
-    list columns named above when asked for. Pass ``features=scorer.features(ds.features)`` to
-    ``map`` so these types hold even when a whole batch has no score.
+    list columns named above when asked for. These types are declared (:meth:`output_features`) and
+    hold in every batch, even one in which no row could be scored: ``features=`` is not needed.
 
     Example:
         >>> from datasets import Dataset
         >>> scorer = LongAttnScorer("path/to/SmolLM2-135M-Instruct.Q4_1.gguf", max_length=8192)
         >>> ds = Dataset.from_dict({"text": [open("long.txt").read()]})
-        >>> ds = ds.map(scorer, batched=True, batch_size=8, features=scorer.features(ds.features))
+        >>> ds = ds.map(scorer, batched=True, batch_size=8)
         >>> ds[0]["longattn_status"], ds[0]["longattn_ds"]  # doctest: +SKIP
         ('ok', 0.2871...)
     """
@@ -206,8 +206,11 @@ class LongAttnScorer:
     def features(self, input_features):
         """The full `datasets.Features` of ``ds.map(self, ...)``: ``input_features`` plus the score columns.
 
+        ``map`` gives these without being told; pass them as ``features=`` to cast the input columns too.
+
         Example:
-            >>> ds = ds.map(scorer, batched=True, features=scorer.features(ds.features))  # doctest: +SKIP
+            >>> ds.map(scorer, batched=True).features == scorer.features(ds.features)  # doctest: +SKIP
+            True
         """
         from datasets import Features
 
@@ -304,7 +307,9 @@ class LongAttnScorer:
     def __call__(self, batch: dict[str, list], *extra) -> dict[str, list]:
         """Score one batch; ``extra`` holds what ``with_indices=True`` / ``with_rank=True`` pass.
 
-        Returns the score columns only; ``datasets`` keeps the input columns, rows and order.
+        Returns the score columns only, as lists that carry their declared Arrow types
+        (`hf_longattn.vocabulary.TypedColumn`), so ``datasets`` types them the same whatever the
+        batch holds; it keeps the input columns, rows and order.
         """
         indices = next((e for e in extra if isinstance(e, (list, range, np.ndarray))), None)
         rank = next((e for e in extra if isinstance(e, int) and not isinstance(e, bool)), None)
@@ -322,7 +327,7 @@ class LongAttnScorer:
         if pending:
             self.load(rank)
             self._score_rows(pending, out)
-        return out
+        return V.typed_columns(self.output_features(), out)
 
     def _validate(self, batch: dict[str, list], indices) -> list[_Row]:
         id_column = self.config["input_ids_column"]

@@ -340,9 +340,9 @@ class LongAttnSelector:
         """Add ``longattn_lds`` and ``longattn_selected`` to a batch (for ``map(..., batched=True)``).
 
         Each row's values depend only on its own scores, status, id and group and on the fitted
-        state, so any shard in any process gets the same answer. Pass
-        ``features=selector.output_features(ds.features)`` to ``map`` (or use :meth:`transform`):
-        a first batch without valid rows would otherwise type ``longattn_lds`` as null.
+        state, so any shard in any process gets the same answer. The two columns carry their
+        declared types (:meth:`output_features`), so a batch without valid rows still types
+        ``longattn_lds`` as float64: ``features=`` is not needed.
 
         Args:
             batch (`dict[str, list]`): a batch with :attr:`required_columns`.
@@ -379,10 +379,10 @@ class LongAttnSelector:
             index = np.array(rows, dtype=np.int64)
             lds[index] = _lds_from_stats(ds_values[index], du_values[index], fitted.stats, self.alpha, self.normalization)
             selected[index] = self._select(fitted, lds[index], [ids[r] for r in rows])
-        return {
+        return V.typed_columns(self.output_features({}), {
             LDS_COLUMN: [float(x) if ok else None for x, ok in zip(lds.tolist(), valid.tolist())],
             SELECTED_COLUMN: selected.tolist(),
-        }
+        })
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> list[bool]:
         """Selection mask of a batch (for ``filter(selector, batched=True)``).

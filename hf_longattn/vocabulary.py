@@ -162,6 +162,49 @@ def score_features(*, distances: int = 1, layers: int = 1, per_head: bool = Fals
     return Features(columns)
 
 
+class TypedColumn(list):
+    """A column of a map function's output that carries its declared Arrow type.
+
+    A plain list is typed by `datasets` from its values, so a batch whose values are all null
+    types the column as null and a later batch with a value fails to write. pyarrow converts a
+    `TypedColumn` with its own type (the ``__arrow_array__`` protocol), so ``ds.map(fn, batched=True)``
+    gives the declared type in every batch and every process, without ``features=``. It is a
+    `list` in every other respect.
+
+    Example:
+
+    >>> import pyarrow as pa
+    >>> pa.array(TypedColumn([None, None], pa.float64())).type
+    DataType(double)
+    """
+
+    def __init__(self, values: Any = (), arrow_type: Any = None) -> None:
+        super().__init__(values)
+        self.arrow_type = arrow_type
+
+    def __arrow_array__(self, type: Any = None) -> Any:  # noqa: A002 - pyarrow's protocol names it so
+        import pyarrow as pa
+
+        return pa.array(list(self), type=type or self.arrow_type)
+
+    def __reduce__(self) -> tuple:
+        return TypedColumn, (list(self), self.arrow_type)
+
+
+def typed_columns(features: Any, columns: dict[str, list]) -> dict[str, TypedColumn]:
+    """``columns`` as `TypedColumn` lists with the Arrow types of ``features`` (columns not in it keep no type).
+
+    Example:
+
+    >>> from datasets import Features, Value
+    >>> typed_columns(Features({"x": Value("float64")}), {"x": [None]})["x"].arrow_type
+    DataType(double)
+    """
+    schema = features.arrow_schema
+    types = {name: schema.field(name).type for name in schema.names}
+    return {name: TypedColumn(values, types.get(name)) for name, values in columns.items()}
+
+
 def window_features(carried: dict[str, Any] | None = None, *, text: bool = False) -> Any:
     """`datasets.Features` of windows: :data:`WINDOW_COLUMNS` (``text`` if asked), then the carried columns.
 

@@ -355,7 +355,8 @@ class SlidingWindows:
                 only in error messages; otherwise rows are numbered within the batch.
 
         Returns:
-            `dict[str, list]`: one entry per window, columns as in the class docstring.
+            `dict[str, list]`: one entry per window, columns as in the class docstring, each with its
+            declared type (`hf_longattn.vocabulary.TypedColumn`; carried columns keep their input types).
         """
         columns = list(batch.keys())
         has_token_ids = "input_ids" in batch
@@ -400,7 +401,7 @@ class SlidingWindows:
             out["text"] = self.tokenizer.batch_decode(
                 [ids.tolist() for ids in out["input_ids"]], skip_special_tokens=False, clean_up_tokenization_spaces=False
             )
-        return out
+        return V.typed_columns(self.output_features(_batch_features(batch)), out)
 
     def _texts(self, batch: Mapping[str, Sequence[Any]], rows: list[int], where: str) -> list[str]:
         texts = list(batch[self.text_column])
@@ -474,3 +475,11 @@ def _register_fingerprint(cls: type) -> None:
 
 
 _register_fingerprint(SlidingWindows)
+
+
+def _batch_features(batch: Mapping[str, Sequence[Any]]) -> Any:
+    """The `datasets.Features` of a batch ``datasets.map`` hands over (it holds its Arrow table), else none."""
+    from datasets import Features
+
+    table = getattr(batch, "pa_table", None)
+    return Features.from_arrow_schema(table.schema) if table is not None else Features()
