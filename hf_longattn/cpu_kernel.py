@@ -18,8 +18,10 @@ a second, silently.
 
 Concurrent processes serialise the build on a lock of our own, ``hf_longattn.lock`` in the build
 folder (an ``fcntl.flock`` that the OS releases when its holder dies, however it dies; the file
-names the holder's pid and host). torch's own ``lock`` file in that folder, which stays behind when
-a builder is killed and would make every later process wait forever, is removed while we hold ours.
+names the holder's pid and host). Up to torch 2.13, torch's own ``lock`` file in that folder stays
+behind when a builder is killed and would make every later process wait forever: it is removed
+(with a message) while we hold ours. From torch 2.14 that file is an OS lock that stays by design:
+it is left alone, silently.
 A process waits at most ``HF_LONGATTN_KERNEL_BUILD_TIMEOUT`` seconds (default 600) for the lock,
 then warns, naming the holder, and uses the eager path. Where ``flock`` is unavailable (Windows,
 some network filesystems) torch's lock alone is used, as before.
@@ -219,14 +221,32 @@ def _lock_timeout() -> float:
         return DEFAULT_TIMEOUT
 
 
+def torch_lock_blocks_while_it_exists() -> bool:
+    """Whether torch's build ``lock`` blocks by its mere existence, so one left by a killed builder is stale.
+
+    Up to torch 2.13 ``cpp_extension`` takes a ``FileBaton`` (``O_EXCL`` create, removed on release): a
+    builder killed mid-build leaves the file and every later process waits forever. From torch 2.14 it
+    takes an OS lock on that file (``FileLock``): the kernel frees it when its holder dies and the file
+    stays by design, so it is neither removed nor reported.
+
+    Example:
+        >>> torch_lock_blocks_while_it_exists()  # torch 2.13  # doctest: +SKIP
+        True
+    """
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton")
+
+
 @contextlib.contextmanager
 def _build_lock(build_dir: Path | None, timeout: float) -> Iterator[bool]:
     """Hold hf_longattn's lock on ``build_dir`` and clear torch's stale ``lock`` file there.
 
     The lock is an ``fcntl.flock`` on ``<build_dir>/hf_longattn.lock``: the OS releases it when its
     holder exits or is killed. Every hf_longattn process takes it before ``cpp_extension.load``, so
-    while we hold it any torch ``lock`` file in ``build_dir`` was left by a killed process and is
-    removed. Where ``flock`` is unavailable nothing is locked or removed (torch's lock only).
+    while we hold it a torch ``lock`` file in ``build_dir`` that blocks by existing (torch ≤ 2.13, see
+    :func:`torch_lock_blocks_while_it_exists`) was left by a killed process and is removed; torch ≥ 2.14's
+    lock file is left alone. Where ``flock`` is unavailable nothing is locked or removed (torch's lock only).
 
     Args:
         build_dir (`Path`, *optional*): the extension's build folder; ``None``: lock nothing.
@@ -245,7 +265,7 @@ def _build_lock(build_dir: Path | None, timeout: float) -> Iterator[bool]:
     """
     fd = _acquire(build_dir / LOCK_FILE, timeout) if build_dir is not None else None
     try:
-        if fd is not None and (build_dir / TORCH_LOCK_FILE).exists():
+        if fd is not None and torch_lock_blocks_while_it_exists() and (build_dir / TORCH_LOCK_FILE).exists():
             (build_dir / TORCH_LOCK_FILE).unlink(missing_ok=True)
             logger.info("hf_longattn: removed torch's stale build lock, left by a killed process: %s", build_dir)
         yield fd is not None
