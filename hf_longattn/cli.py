@@ -38,8 +38,9 @@ STEP_HELP = {
         "keep_fraction per category, export the Hub-ready folder (output_dir/hub) and, with "
         "--push-to-hub, upload it. Prints a per-category summary table and the wall time of each "
         "step (also saved as output_dir/summary.json). Launch it under `accelerate launch "
-        "--num_processes N` (or torchrun) to score on N processes; only the main process selects, "
-        "exports and pushes.",
+        "--num_processes N` (or torchrun) to run on N processes: every process claims and does the "
+        "next free unit of each step (input shards, chunks, export parts); the main process alone "
+        "selects, finishes the export (card, plots) and pushes.",
     ),
     "windows": (
         "documents → windows of W tokens (paper Algorithm 1)",
@@ -55,8 +56,9 @@ STEP_HELP = {
         "longattn_status ...) in chunks of chunk_size windows, written as "
         "output_dir/scores/chunk-NNNNNN.parquet plus a completion marker (.done, with the sha256 of "
         "the file). Chunks with a valid marker are skipped, so a killed run resumes where it stopped. "
-        "Under `accelerate launch --num_processes N` each process scores a contiguous block of "
-        "chunks. Builds the windows first if they are missing. Refuses an output_dir that holds "
+        "Under `accelerate launch --num_processes N` every process claims the next free chunk "
+        "until none is left, so a relaunch on any number of processes spreads what is missing. "
+        "Builds the windows first if they are missing. Refuses an output_dir that holds "
         "scores of another configuration (model, W, k, layer, dtype, chunk_size ...).",
     ),
     "select": (
@@ -160,6 +162,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str]
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors are one line: what is wrong, the closest valid flag, where help is."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+    def unknown(self, extras: Sequence[str]) -> None:
+        """Refuse arguments this (sub)command does not know, suggesting the closest flag."""
+        from .errors import did_you_mean
+
+        flag = next((e for e in extras if e.startswith("-")), extras[0]).split("=", 1)[0]
+        self.error(f"unrecognized argument{'s' if len(extras) > 1 else ''} {' '.join(extras)}"
+                   f"{did_you_mean(flag, self._option_string_actions)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-longattn`` argument parser (subcommands: run, windows, score, select, export, push, probe, config)."""
     from . import __version__
@@ -167,17 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     add_config_arguments(common)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hf-longattn", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"hf-longattn {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=OneLineParser)
+    parser.commands = {}
     for name, (short, long) in STEP_HELP.items():
         if name == "probe":
-            add_probe_parser(commands, short, long)
+            parser.commands[name] = add_probe_parser(commands, short, long)
         else:
-            commands.add_parser(name, parents=[common], help=short, description=long)
+            parser.commands[name] = commands.add_parser(name, parents=[common], help=short, description=long)
     return parser
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown flag is refused by its subcommand, in one line, with the closest flag it knows."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        (parser.commands.get(args.command) or parser).unknown(extras)
+    return args
 
 
 def config_from_args(args: argparse.Namespace):
@@ -195,6 +221,9 @@ def config_from_args(args: argparse.Namespace):
             overrides[key] = getattr(args, key)
     overrides.update(_parse_set(args.set_values))
     return RunConfig.from_yaml(args.config, overrides)
+
+
+from .errors import LongAttnError  # noqa: E402 - torch-free, cheap
 
 
 def no_progress_bars() -> None:
@@ -226,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["config", "--window-size", "4096"])  # doctest: +SKIP
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0
@@ -234,8 +263,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         no_progress_bars()
     logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING, format="%(message)s")
     logging.getLogger("hf_longattn").setLevel(logging.INFO if _is_main_process() else logging.WARNING)
-    from .errors import LongAttnError
-
     try:
         config = config_from_args(args)
         if args.command == "config":
@@ -244,16 +271,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "probe":
             return args.func(args, config)
         return _run_step(args.command, config, progress=not args.no_progress)
-    except (LongAttnError, ValueError, FileNotFoundError, FileExistsError, OSError) as error:
-        from .errors import is_storage_error, storage_error
-
-        if args.traceback or (isinstance(error, OSError) and not isinstance(error, FileNotFoundError | FileExistsError)
-                              and not is_storage_error(error)):
+    except (LongAttnError, ValueError, OSError, ImportError) as error:
+        if args.traceback:
             raise
-        if is_storage_error(error):
-            error = storage_error(error.filename or getattr(args, "output_dir", None) or "the output folder", error)
-        print(f"hf-longattn {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        print(f"hf-longattn {args.command}: error: {one_line(error, getattr(args, 'output_dir', None))}",
+              file=sys.stderr, flush=True)
         return 2
+
+
+def one_line(error: BaseException, output_dir: str | None = None) -> str:
+    """What the user sees of an error a user can cause or fix: one line naming it and what to do.
+
+    Storage faults (full, read-only) and missing optional packages get their remedy
+    (`hf_longattn.errors.storage_error`, `~hf_longattn.errors.missing_extra`); a network error
+    names its type, since its message alone may not say it is one.
+    """
+    from .errors import is_storage_error, missing_extra, storage_error
+
+    if is_storage_error(error):
+        error = storage_error(error.filename or output_dir or "the output folder", error)
+    elif isinstance(error, ImportError):
+        error = missing_extra(error)
+    text = " ".join(str(error).split())
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError | FileExistsError) \
+            and not is_storage_error(error) and not isinstance(error, LongAttnError):
+        text = f"{type(error).__name__}: {text}"
+    return text
 
 
 def _run_step(command: str, config: Any, *, progress: bool) -> int:

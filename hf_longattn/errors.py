@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
+import re
+from collections.abc import Iterable
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 """Errors of the output storage itself (full, over quota, not writable): the job stops with a clear message."""
@@ -11,6 +14,40 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.E
 
 class LongAttnError(RuntimeError):
     """A step cannot go on; the message says why and what to do (the CLI prints it on one line, exit status 2)."""
+
+
+EXTRA_OF_MODULE = {"datatrove": "datatrove", "orjson": "datatrove", "ray": "ray", "matplotlib": "plots",
+                   "gguf": "gguf", "triton": "triton"}
+"""The extra of hf-longattn that installs each optional module (pyproject.toml; tests/test_extras.py)."""
+
+
+def missing_extra(error: ImportError) -> LongAttnError:
+    """A one-line `LongAttnError` for a missing optional package, naming the extra that installs it.
+
+    Example:
+
+    >>> str(missing_extra(ImportError("Please install `orjson` to use JsonlWriter (`pip install orjson`).")))
+    'Please install `orjson` to use JsonlWriter (`pip install orjson`). It comes with: pip install "hf-longattn[datatrove]"'
+    """
+    message = " ".join(str(error).split()).rstrip(".") or f"No module named {error.name!r}"
+    module = (error.name or "").split(".")[0]
+    if module not in EXTRA_OF_MODULE:
+        module = next((m for m in EXTRA_OF_MODULE if re.search(rf"\b{m}\b", message)), "")
+    if module:
+        return LongAttnError(f'{message}. It comes with: pip install "hf-longattn[{EXTRA_OF_MODULE[module]}]"')
+    return LongAttnError(f"{message}: install it, then run the same command again")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to ``word``, or ``""`` when none is close.
+
+    Example:
+
+    >>> did_you_mean("windw_size", ["window_size", "seed"]), did_you_mean("zzz", ["window_size"])
+    (" (did you mean 'window_size'?)", '')
+    """
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 PipelineError = LongAttnError

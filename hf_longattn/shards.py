@@ -189,7 +189,15 @@ def _hub_files(source: SourceConfig) -> list[str]:
     """The data files of a Hub dataset's split, as `datasets` resolves them (``hf://datasets/<repo>@<commit>/…``)."""
     from datasets import load_dataset_builder
 
-    builder = load_dataset_builder(source.hub, source.name, revision=source.revision, data_dir=source.data_dir)
+    try:
+        builder = load_dataset_builder(source.hub, source.name, revision=source.revision, data_dir=source.data_dir)
+    except OSError as error:  # offline, unreachable, not found, gated: one line, before anything is written
+        from .errors import LongAttnError
+
+        reason = " ".join(str(error).split())[:300]
+        raise LongAttnError(f"Hub source {source.hub!r}: cannot list its data files ({type(error).__name__}: "
+                            f"{reason}). Check its name, the network and your token (unset HF_HUB_OFFLINE to "
+                            f"reach the Hub), or point a `path:` source at a local copy") from error
     data_files = builder.config.data_files or {}
     if source.split not in data_files:
         raise ValueError(f"Hub dataset {source.hub!r} has no split {source.split!r}; splits: {sorted(data_files)}")
@@ -202,11 +210,35 @@ def _hub_files(source: SourceConfig) -> list[str]:
 
 
 def _read_hub_file(source: SourceConfig, file: str) -> Iterator[dict[str, Any]]:
-    """Documents of one data file of a Hub dataset; ids ``<repo>:<split>:<file stem>:<row>`` without an ``id_column``."""
+    """Documents of one data file of a Hub dataset; ids ``<repo>:<split>:<path in the repo>:<row>`` without an ``id_column``."""
     default_category = source.hub.rstrip("/").split("/")[-1]
-    stem = _stem(Path(file.split("@")[-1]))
-    prefix = f"{source.hub}:{source.split}:{stem}"
+    prefix = f"{source.hub}:{source.split}:{hub_file_key(file, source.hub)}"
     yield from _records_to_documents(_iter_record_file(file), source, default_category, prefix, file)
+
+
+def hub_file_key(url: str, repo: str) -> str:
+    """The path of a data file inside its Hub repo (or local dataset folder), without its data suffix.
+
+    Two files of one name in two folders (``data/en/train.jsonl``, ``data/de/train.jsonl``) get two keys,
+    so their documents get distinct ids.
+
+    Example:
+
+    >>> hub_file_key("hf://datasets/me/docs@0a1b2c/data/en/train-00000-of-00001.jsonl.gz", "me/docs")
+    'data/en/train-00000-of-00001'
+    >>> hub_file_key("/data/my-dataset/data/de/train.parquet", "/data/my-dataset")
+    'data/de/train'
+    """
+    path = url.split("://", 1)[-1]
+    local = str(Path(repo).expanduser())
+    if "@" in path:  # hf://datasets/<repo>@<commit>/<path in the repo>
+        path = path.split("@", 1)[1].split("/", 1)[-1]
+    elif path.startswith(local.rstrip("/") + "/"):  # a local dataset folder given as `hub:`
+        path = path[len(local.rstrip("/")) + 1:]
+    elif f"/{repo.strip('/')}/" in f"/{path}":  # hf://datasets/<repo>/<path> without a revision
+        path = f"/{path}".split(f"/{repo.strip('/')}/", 1)[1]
+    parent = Path(path).parent
+    return _stem(Path(path)) if str(parent) in ("", ".") else f"{parent.as_posix()}/{_stem(Path(path))}"
 
 
 # -- files of records ------------------------------------------------------------------------------------

@@ -131,9 +131,12 @@ class SourceConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"A source must be a mapping like {{path: docs.jsonl, category: book}}, got {data!r}")
         valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(valid))
+        unknown = [key for key in data if key not in valid]
         if unknown:
-            raise ValueError(f"Unknown source key(s) {unknown} in {dict(data)}; valid keys: {valid}")
+            from .errors import did_you_mean
+
+            raise ValueError(f"Unknown source key(s) {unknown} in {dict(data)}{did_you_mean(unknown[0], valid)}; "
+                             f"valid keys: {', '.join(valid)}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

@@ -166,6 +166,7 @@ def run_chain(args: argparse.Namespace, executors: dict[str, Any]) -> dict[str, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, check, run the chain and print the summary table; returns the exit status."""
+    from hf_longattn.cli import one_line
     from hf_longattn.counts import format_summary
     from hf_longattn.errors import LongAttnError
     from hf_longattn.run.stages import task_run
@@ -178,15 +179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--tasks must be at least 1")
     if args.executor == "slurm" and not args.partition:
         raise SystemExit("--executor slurm needs --partition")
+    config = None
     try:
         config = config_from_args(args)
         config = config.replace(output_dir=str(Path(config.output_dir).resolve()))
         check_push(task_run(config))  # a push that cannot succeed (HF_HUB_OFFLINE=1) stops before any work
         timings = run_chain(args, build_executors(args, config))
-    except (LongAttnError, ValueError, FileNotFoundError, RuntimeError) as error:
+    except (LongAttnError, ValueError, OSError, RuntimeError, ImportError) as error:
         if args.traceback:
             raise
-        print(f"longabc_datatrove: error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        print(f"longabc_datatrove: error: {one_line(error, config.output_dir if config else None)}",
+              file=sys.stderr, flush=True)
         return 2
     summary = Path(config.output_dir) / "summary.json"
     if timings is None or not summary.is_file():

@@ -81,7 +81,7 @@ def test_config_resolution_order(tmp_path, capsys):
 
 def test_errors_exit_2_with_a_clear_message(tmp_path, capsys, monkeypatch):
     assert main(["config", "--set", "windowsize=8"]) == 2
-    assert "Unknown config key(s) ['windowsize'] in overrides; valid keys: ['model'" in capsys.readouterr().err
+    assert "Unknown config key 'windowsize' in overrides (did you mean 'window_size'?); valid keys: model," in capsys.readouterr().err
     assert main(["config", "--set", "keep_fraction"]) == 2
     assert "--set expects KEY=VALUE" in capsys.readouterr().err
     assert main(["run", "--config", str(tmp_path / "missing.yaml")]) == 2

@@ -76,8 +76,27 @@ def test_a_hub_dataset_is_read_file_by_file_with_stable_ids(tmp_path):
     plan = plan_input_shards(sources)
     assert [Path(s.name).name for s in plan] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     second = list(read_shard(sources, plan[1]))  # any task can read any shard alone: ids do not depend on order
-    assert [(d["id"], d["category"]) for d in second] == [(f"{folder}:train:train-00001-of-00002:0", "my-dataset")]
+    assert [(d["id"], d["category"]) for d in second] == [(f"{folder}:train:data/train-00001-of-00002:0", "my-dataset")]
     assert list(iter_documents(SourceConfig(hub=str(folder), limit=2)))[-1]["text"] == "d e"
+
+
+def test_hub_files_of_one_name_in_two_folders_give_distinct_ids(tmp_path, tiny_model, capsys, monkeypatch):
+    """``data/en/train-…jsonl`` and ``data/de/train-…jsonl`` without an id column: ids from the path in the repo."""
+    from hf_longattn.cli import main
+
+    folder = tmp_path / "multilingual"
+    text = "the long range dependency of a window " * 60
+    for language in ("en", "de"):
+        (folder / "data" / language).mkdir(parents=True)
+        (folder / "data" / language / "train-00000-of-00001.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    status = main(["windows", "--model", str(tiny_model), "--window-size", "64", "--output-dir", "out", "--no-progress",
+                   "--set", f"sources=[{{hub: {folder}}}]"])
+    assert status == 0, capsys.readouterr().err
+    doc_ids = set()
+    for shard in (tmp_path / "out" / "windows").glob("shard-*.parquet"):
+        doc_ids |= set(pq.read_table(shard, columns=["doc_id"]).column("doc_id").to_pylist())
+    assert doc_ids == {f"{folder}:train:data/{language}/train-00000-of-00001:0" for language in ("en", "de")}
 
 
 def test_remote_files_are_streamed_through_fsspec(monkeypatch):

@@ -72,23 +72,30 @@ class Run:
         """Hold the run lock (main process) while the block runs; re-entrant, so steps may nest."""
         from .lock import RunLock
 
+        created = False
         if self._lock_depth == 0:
             self.folder.check_inside()
             self.check_model()  # before the folder is touched: a mistyped model leaves nothing behind
             launch = self.launch  # a collective: every process gets here in the same order
+            created = not self.folder.root.exists()
 
             def acquire() -> None:
                 self._lock = RunLock(self.folder.root, launch).acquire()
 
             self.executor.run_on_main(acquire)  # refused: every process stops with the main one's message
         self._lock_depth += 1
+        failed = True
         try:
             yield self
+            failed = False
         finally:
             self._lock_depth -= 1
             if self._lock_depth == 0 and self._lock is not None:
                 self._lock.release()
                 self._lock = None
+                if failed and created:  # a first launch refused before writing anything leaves no folder behind
+                    with contextlib.suppress(OSError):
+                        self.folder.root.rmdir()
 
     def check_model(self) -> None:
         """Before any work: the model exists (a clear error for a mistyped name) and takes windows of W tokens."""

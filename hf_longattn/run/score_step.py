@@ -30,7 +30,7 @@ PLAN_FILE = "plan.json"
 
 def score(run: Run) -> None:
     """Build or reuse the windows, plan the chunks, score every chunk not done yet (all processes), wait for all."""
-    prepare(run)
+    prepare(run, sources=True)
     build_windows(run)
     run.executor.run_on_main(lambda: plan_chunks(run))
     run.timed("score", lambda: score_claimed_chunks(run))

@@ -67,7 +67,7 @@ def windows_stage(config: Any, rank: int = 0, world_size: int = 1) -> dict[str, 
         ``tokens_documents`` and ``windows_cut`` (windows before ``max_windows_per_category``).
     """
     run = task_run(config, rank, world_size)
-    windows_step.prepare(run)
+    windows_step.prepare(run, sources=True)
     plan, names, identity = windows_step.windows_plan(run)
     counts = {"input_shards": 0, "input_shards_built": 0}
     for index in range(rank, len(plan), world_size):
@@ -87,7 +87,7 @@ def windows_stage(config: Any, rank: int = 0, world_size: int = 1) -> dict[str, 
 def plan_stage(config: Any) -> dict[str, int]:
     """One task: write the windows statistics and the chunk plan (every windows task must have finished)."""
     run = task_run(config)
-    windows_step.prepare(run)
+    windows_step.prepare(run, sources=True)
     plan, names, identity = windows_step.windows_plan(run)
     recorded = read_json(run.folder.windows_stats) if run.folder.windows_stats.is_file() else {}
     if recorded.get("identity") != identity or [s["name"] for s in recorded.get("shards", [])] != names:

@@ -36,16 +36,22 @@ def check_push(run: Run) -> None:
             raise LongAttnError(f"{error} Nothing was done.") from error
 
 
-def prepare(run: Run) -> None:
+def prepare(run: Run, *, sources: bool = False) -> None:
     """Check everything that can fail before any work, and refuse a folder holding another configuration's results.
 
-    The model must exist and take windows of ``window_size`` tokens; ``fingerprint.json`` (written
-    once the windows exist) must match, unless the folder holds nothing computed yet.
+    The model must exist and take windows of ``window_size`` tokens; with ``sources=True`` (the steps
+    that read them) every source must resolve to its files; ``fingerprint.json`` (written once the
+    windows exist) must match, unless the folder holds nothing computed yet. Nothing is written
+    before these checks pass.
     """
     check_push(run)
     folder = run.folder
     folder.check_inside()
     run.check_model()
+    if sources:
+        from ..shards import plan_input_shards
+
+        plan_input_shards(run.config.sources)  # a missing path or an unreachable Hub source: one line, nothing written
     ours = run.fingerprint
     if folder.fingerprint.is_file() and _holds_results(run):
         stored = read_json(folder.fingerprint, what="the run's fingerprint",
@@ -85,7 +91,7 @@ def shard_name(input_identity: str, identity: str) -> str:
 
 def windows(run: Run) -> Any:
     """Build (or reuse) the windows on every process, then return them as a `datasets.Dataset` (kept windows, in order)."""
-    prepare(run)
+    prepare(run, sources=True)
     build_windows(run)
     return load_windows(run)
 
