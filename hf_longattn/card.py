@@ -69,6 +69,9 @@ class CardData:
     method: str = "LongAttn (arXiv 2502.16860)"
     model: str | None = None
     revision: str | None = None
+    checkpoint: str | None = None
+    tokenizer: str | None = None
+    scorer_check: dict[str, Any] | None = None
     layer: int | None = None
     window_size: int | None = None
     min_distance: int | None = None
@@ -105,6 +108,18 @@ class CardData:
         return cls(**values, run_metadata=public)
 
     # -- the rows of the card's tables ----------------------------------------------------------
+
+    @property
+    def config_rows(self) -> list[list[Any]]:
+        """The run configuration table: the settings that are known (an unset one is left out, not shown as —)."""
+        rows = [["scoring model", self.model], ["model revision", self.revision], ["model checksum", self.checkpoint],
+                ["tokenizer", self.tokenizer], ["layer scored", self.layer], ["window size W (tokens)", self.window_size],
+                ["min distance k (tokens)", self.min_distance], ["alpha (α, weight of DU_T)", self.alpha],
+                ["normalization", self.normalization], ["keep fraction", self.keep_fraction],
+                ["selection method", self.selection_method],
+                ["max windows per category", self.max_windows_per_category], ["dtype", self.dtype],
+                ["hf_longattn version", self.hf_longattn_version]]
+        return [row for row in rows if row[1] is not None]
 
     @property
     def sources_rows(self) -> list[list[Any]]:
@@ -200,9 +215,9 @@ def hub_license(configured: str | None, found: list[str]) -> tuple[str, str | No
 
 
 def public_metadata(value: Any) -> Any:
-    """A JSON-safe copy of ``value`` without secret-looking keys (``token``, ``hf_token``, ``api_key``...)."""
-    if isinstance(value, Mapping):
-        return {str(k): public_metadata(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+    """A JSON-safe copy of ``value`` without secret-looking keys (``token``, ``hf_token``, ``api_key``...) nor null values."""
+    if isinstance(value, Mapping):  # nulls say nothing: left out
+        return {str(k): public_metadata(v) for k, v in value.items() if not _SECRET_KEY.search(str(k)) and v is not None}
     if isinstance(value, (list, tuple)):
         return [public_metadata(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:

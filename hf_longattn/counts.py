@@ -183,4 +183,6 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     )
     timings = summary.get("timings") or {}
     timing_line = "wall time: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in timings.items())
-    return format_table(SUMMARY_HEADER, rows, title=title) + ("\n" + timing_line if timings else "")
+    check = (summary.get("scorer_check") or {}).get("sentence")
+    return (format_table(SUMMARY_HEADER, rows, title=title) + ("\n" + timing_line if timings else "")
+            + (f"\nscorer check: {check}" if check else ""))

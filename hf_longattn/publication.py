@@ -213,10 +213,15 @@ def category_row(category: str, split: str, table: Any, run_counts: Mapping[str,
 
 def finish_export(folder: Path, metadata: Mapping[str, Any], scored: Mapping[str, Any], rows: list[CategoryRow],
                   quantiles: list[list], columns: list[str], data_files: dict, empty: list[str], *, plots: bool,
-                  repo_id: str | None, license: str | None, pretty_name: str | None, tag: str) -> CardData:
+                  repo_id: str | None, license: str | None, pretty_name: str | None, tag: str,
+                  probe_png: Path | None = None) -> CardData:
     """Plots (from ``scored``: split → rows with the score columns), the probe image and the card ``README.md``."""
+    probe = metadata.get("probe")
+    if isinstance(probe, Mapping) and "png" in probe:  # a path on this machine: copied into plots/, never published
+        probe_png = probe_png or Path(probe["png"])
+        metadata = {**metadata, "probe": {key: value for key, value in probe.items() if key != "png"}}
     plot_names = _plots(scored, folder, rows, metadata) if plots else {}
-    plot_names.update(_probe_plot(folder, metadata))
+    plot_names.update(_probe_plot(folder, probe_png))
     card = CardData.from_metadata(metadata, categories=rows, quantiles=quantiles, columns=columns, data_files=data_files,
                                   plots=plot_names, empty_filtered_splits=empty, repo_id=repo_id or None,
                                   license=license or None, pretty_name=pretty_name or None)
@@ -264,7 +269,8 @@ def export_dataset(
             `hf_longattn.card.CardData` (``model``, ``revision``, ``layer``, ``window_size``,
             ``min_distance``, ``alpha``, ``normalization``, ``keep_fraction``, ``selection_method``,
             ``dtype``, ``hf_longattn_version``, ``sources``, ``max_windows_per_category``, ``license``,
-            ``probe`` (``{"title", "text", "table": markdown, "png": path}``)), plus ``categories``:
+            ``probe`` (``{"title", "text", "table": markdown, "png": path}``; the image is copied into
+            ``plots/``, its path is not published)), plus ``categories``:
             category → run counters (``documents``, ``documents_too_short``, ``windows_left_out``,
             ``threshold``). Missing keys show as "—"; secret-looking keys are never written.
         max_shard_rows (`int`, defaults to `2000`): maximum rows per parquet file.
@@ -378,9 +384,8 @@ def _plots(scored: Mapping[str, Any], folder: Path, rows: list[CategoryRow], met
     return {"scores": PLOT_FILES["scores"], "selection": PLOT_FILES["selection"]}
 
 
-def _probe_plot(folder: Path, metadata: Mapping[str, Any]) -> dict[str, str]:
-    probe = metadata.get("probe")
-    source = probe.get("png") if isinstance(probe, Mapping) else None
+def _probe_plot(folder: Path, source: Path | None) -> dict[str, str]:
+    """Copy the probe's image into ``plots/`` (the card names it there, never by the path it came from)."""
     if not source:
         return {}
     if not Path(source).is_file():

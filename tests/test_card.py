@@ -77,3 +77,41 @@ def test_markdown_table_escapes_cells():
     table = markdown_table(["a", "b"], [["x|y", 1234], ["line\nbreak", None]])
     assert table.splitlines()[2:] == ["| x\\|y | 1,234 |", "| line break | — |"]
     assert re.match(r"\|---\|---\|", table.splitlines()[1])
+
+
+def test_run_then_probe_then_export_the_card_and_the_summary_say_the_same(tiny_model, corpus, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The CLI as a user runs it: the summary and the card carry the same scorer check; no local path, no null."""
+    from hf_longattn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model", str(tiny_model), "--window-size", "64", "--output-dir", "out", "--no-progress",
+             "--keep-fraction", "0.3", "--max-windows-per-category", "6", "--set", "language=[en]",
+             *(arg for c in CATEGORIES for arg in ("--input", str(corpus / f"{c}.jsonl")))]
+    assert main(["run", *flags]) == 0
+    before = capsys.readouterr().out
+    assert "scorer check: No probe was run" in before
+    card = (tmp_path / "out" / "hub" / "README.md").read_text()
+    assert "**Is this selection worth training on?** No probe was run" in card
+
+    assert main(["probe", *flags, "--probe-num-windows", "6", "--probe-chunk-size", "8"]) == 0
+    probed = capsys.readouterr().out
+    check = re.search(r"For the run's layer 0: (.*)", probed).group(1)
+    assert "run `hf-longattn export`" in probed  # the card predates the probe: say how to refresh it
+
+    assert main(["export", *flags]) == 0
+    exported = capsys.readouterr().out
+    assert f"scorer check: {check}" in exported
+    card = (tmp_path / "out" / "hub" / "README.md").read_text()
+    assert f"**Is this selection worth training on?** {check}" in card
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["scorer_check"]["sentence"] == check
+    assert str(tmp_path) not in card and "/probe/probe.png" not in card  # the image is plots/probe.png
+    assert (tmp_path / "out" / "hub" / "plots" / "probe.png").is_file()
+    metadata = json.loads(card.split("```json\n", 1)[1].split("```", 1)[0])
+    assert "null" not in json.dumps(metadata) and "None" not in card.split("## Run configuration")[1].split("##")[0]
+    data = DatasetCard.load(tmp_path / "out" / "hub" / "README.md").data.to_dict()
+    assert data["language"] == ["en"] and None not in data.values()
+    assert "| model checksum | local:" in card and "| tokenizer | the model's own |" in card
+    assert "model revision" not in card  # unset: left out, not shown as —
+    assert "the windows *left out* by the per-category cap (above) were not scored" in card

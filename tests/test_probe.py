@@ -220,12 +220,22 @@ def test_controls_use_documents_of_at_least_chunk_size_and_fail_loudly():
     assert counts["x"]["control_source_documents"] == 3
     sources = {doc for s in samples if s.kind == "control" for doc, _, _ in s.sources}
     assert sources <= {0, 1, 2}
-    with pytest.raises(ValueError, match="not enough text"):
-        _sample(lengths=[70, 70], groups=["x", "x"], window_size=70, num_windows=2)
+    with pytest.raises(ValueError, match="not enough text for one real window and one control.*--probe-chunk-size"):
+        _sample(lengths=[70], groups=["x"], window_size=70, num_windows=2)
     with pytest.raises(ValueError, match="chunk_size"):
         _sample(chunk_size=40)
     with pytest.raises(ValueError, match="same length"):
         probe_samples([100], ["a", "b"], window_size=64)
+
+
+def test_a_group_with_text_for_fewer_controls_gets_fewer_windows_not_an_error():
+    """N is a maximum: 5 documents of 64 tokens hold at most 2 real windows and 2 controls of 64 tokens from the rest."""
+    samples, counts = _sample(lengths=[64] * 5, groups=["x"] * 5, window_size=64, num_windows=8, chunk_size=16)
+    assert counts["x"]["requested"] == 8 and counts["x"]["candidate_windows"] == 5
+    assert 1 <= counts["x"]["real"] < 5 and counts["x"]["control"] == counts["x"]["real"]
+    assert sum(s.kind == "real" for s in samples) == sum(s.kind == "control" for s in samples) == counts["x"]["real"]
+    again, _ = _sample(lengths=[64] * 5, groups=["x"] * 5, window_size=64, num_windows=8, chunk_size=16)
+    assert again == samples  # the same seed, the same windows
 
 
 # -- scoring: several layers in one forward ------------------------------------------------------------
@@ -365,7 +375,9 @@ def test_cli_on_pre_tokenised_jsonl(tiny_model_dir, tmp_path, capsys):
     assert "| group | layer |" in printed and "book: 2 documents" in printed
     report = json.loads((output / "report.json").read_text())
     assert report["config"]["layers"] == [0, 2] and report["config"]["num_windows"] == 3
-    assert printed.strip().splitlines()[-1] == report["verdict"]
+    lines = printed.strip().splitlines()
+    assert report["verdict"] in lines
+    assert lines[-1].startswith("For the run's layer 0: The probe found layer 0")  # what the run's summary says
     assert (output / "report.md").is_file()
     if pytest.importorskip("matplotlib"):
         assert (output / "probe.png").is_file()

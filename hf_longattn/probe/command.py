@@ -67,9 +67,11 @@ def run_probe_command(args: argparse.Namespace, config: Any = None) -> int:
     output = Path(args.output) if args.output else Path(config.output_dir) / "probe"
     output.mkdir(parents=True, exist_ok=True)
     for group, counts in report.counts.items():
+        fewer = (f" (fewer than the {counts['requested']} asked: the group's text allows no more)"
+                 if counts.get("requested", 0) > counts["real"] else "")
         print(f"{group}: {counts['documents']} documents ({counts['window_documents']} of ≥ {config.window_size} tokens), "
               f"{counts['candidate_windows']} candidate windows, {counts['real']} real + {counts['control']} "
-              f"control windows, {counts['not_scored']} not scored")
+              f"control windows{fewer}, {counts['not_scored']} not scored")
     timings = report.timings
     print(f"scored {timings['windows_scored']} windows ({timings['tokens_scored']} tokens) × {len(report.layers)} layers "
           f"in {timings['score_s']:.1f} s (total {timings['total_s']:.1f} s)\n")
@@ -84,6 +86,11 @@ def run_probe_command(args: argparse.Namespace, config: Any = None) -> int:
         print(f"\n(no plot: {error})")
     print(f"\nwrote {', '.join(map(str, written))}\n")
     print(report.verdict)
+    print(f"\nFor the run's layer {config.layer}: {report.scorer_check(config.layer)['sentence']}")
+    hub = Path(config.output_dir) / "hub"
+    if args.output is None and (hub / "README.md").is_file():
+        print(f"The dataset card in {hub} was written before this probe: run `hf-longattn export` with the same "
+              "flags to put the probe into it (the scores and the selection are reused).")
     return 0
 
 

@@ -145,6 +145,47 @@ class ProbeReport:
         )
         return _save(fig, canvas_cls, path)
 
+    def scorer_check(self, layer: int) -> dict[str, Any]:
+        """What this probe says about selecting with ``layer``: its mean LDS AUC, an assessment and a plain sentence.
+
+        The assessment is ``separates`` (AUC ≥ 0.6), ``inverted`` (≤ 0.4), ``close to chance``
+        (between), or ``not probed`` (``layer`` was not among the probed layers). The sentence is
+        what the run's summary and the dataset card say (`hf_longattn.run.select_step.scorer_check`).
+
+        Example:
+            >>> report.scorer_check(0)["assessment"]  # doctest: +SKIP
+            'close to chance'
+        """
+        from .statistics import SEPARATES
+
+        mean = next((r for r in self.rows if r["group"] == MEAN_OF_GROUPS and r["layer"] == layer), None)
+        check: dict[str, Any] = {"layer": layer, "auc_lds": None, "best_layer": self.best_layer,
+                                 "num_windows": {g: c.get("real") for g, c in self.counts.items()}}
+        if mean is None or not _finite(mean["auc_lds"]):
+            check.update(assessment="not probed", sentence=f"The probe in this run did not score layer {layer}: "
+                         f"probe it (`hf-longattn probe --layer {layer}`) before relying on this selection.")
+            return check
+        auc = float(mean["auc_lds"])
+        check["auc_lds"] = round(auc, 3)
+        per_group = ", ".join(f"{n} {g}" for g, n in sorted(check["num_windows"].items()))
+        measured = f"mean LDS AUC {auc:.2f} over {len(self.groups)} group(s), with {per_group} real windows; 0.5 = chance"
+        better = (f" Layer {self.best_layer} separates best; score with it, or with a larger model"
+                  if self.best_layer is not None and self.best_layer != layer else
+                  " No probed layer separates: take a larger scoring model")
+        if auc >= SEPARATES:
+            check.update(assessment="separates", sentence=f"The probe found that layer {layer} tells real windows "
+                         f"from shuffled-chunk controls on this data ({measured}). That is a necessary check, not proof "
+                         "that its ranking picks better training data (the paper's evidence is downstream training).")
+        elif auc <= 0.5 - CHANCE_BAND:
+            check.update(assessment="inverted", sentence=f"The probe found layer {layer} inverted on this data "
+                         f"({measured}): it ranks shuffled text above coherent text, so this selection favours "
+                         f"incoherent windows; do not train on it.{better}.")
+        else:
+            check.update(assessment="close to chance", sentence=f"The probe found layer {layer} close to chance on "
+                         f"this data ({measured}): this selection shows the pipeline at work, not a quality "
+                         f"filter.{better} (README: Choosing a scoring model and layer).")
+        return check
+
     def __str__(self) -> str:
         return self.to_markdown() + "\n\n" + self.verdict
 

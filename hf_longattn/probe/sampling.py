@@ -84,6 +84,10 @@ class _FreeSpace:
         raise ValueError(f"[{start}, {end}) is not free")
 
 
+class NotEnoughText(ValueError):
+    """A group's documents hold too little text outside its real windows for as many controls."""
+
+
 def _group_samples(
     lengths: Mapping[int, int],
     doc_ids: Sequence[str],
@@ -95,28 +99,48 @@ def _group_samples(
     seed: int,
     counts: dict[str, Any],
 ) -> list[ProbeSample]:
-    """Real windows and controls of one group; ``lengths`` maps document index → token count."""
-    rng = np.random.default_rng(_group_seed(seed, group))
+    """Real windows and controls of one group; ``lengths`` maps document index → token count.
+
+    N is at most ``num_windows``, the group's candidate windows, and what its text allows: when the
+    text outside N real windows cannot make N controls, N goes down until it can (``counts`` says so).
+    """
     docs = sorted(lengths)
     window_docs = [d for d in docs if lengths[d] >= window_size]
     candidates = [(d, index, span) for d in window_docs for index, span in enumerate(window_spans(lengths[d], window_size))]
-    n_real = min(num_windows, len(candidates))
-    picked = sorted(rng.choice(len(candidates), size=n_real, replace=False).tolist()) if n_real else []
+    counts.update(documents=len(docs), window_documents=len(window_docs), candidate_windows=len(candidates),
+                  requested=num_windows)
+    for n_real in range(min(num_windows, len(candidates)), 0, -1):
+        try:
+            return _draw(lengths, doc_ids, group, candidates, n_real, window_size, chunk_size, seed, counts)
+        except NotEnoughText:
+            continue
+    if candidates:
+        raise NotEnoughText(
+            f"group {group!r}: not enough text for one real window and one control of {window_size} tokens in chunks of "
+            f"{chunk_size} from other text: add documents to this group, or lower --probe-chunk-size (probe_chunk_size)")
+    counts.update(real=0, control=0, control_source_documents=0, same_document_joins=0)
+    return []
+
+
+def _draw(lengths: Mapping[int, int], doc_ids: Sequence[str], group: str, candidates: list, n_real: int,
+          window_size: int, chunk_size: int, seed: int, counts: dict[str, Any]) -> list[ProbeSample]:
+    """``n_real`` real windows among ``candidates`` and as many controls (raises `NotEnoughText` when they do not fit)."""
+    rng = np.random.default_rng(_group_seed(seed, group))  # the same draw for the same n_real, whatever came before
+    picked = sorted(rng.choice(len(candidates), size=n_real, replace=False).tolist())
     reals = [candidates[i] for i in picked]
-    counts.update(documents=len(docs), window_documents=len(window_docs), candidate_windows=len(candidates), real=n_real)
     samples = [
         ProbeSample(f"{doc_ids[d]}/w{index:05d}", group, REAL, ((d, start, end),)) for d, index, (start, end) in reals
     ]
-
     # Controls: as many as real windows, from the source documents, outside every real span.
-    sources = [d for d in docs if lengths[d] >= chunk_size]
+    sources = [d for d in sorted(lengths) if lengths[d] >= chunk_size]
     blocked: dict[int, list[tuple[int, int]]] = {d: [] for d in sources}
     for d, _, span in reals:
         if d in blocked:
             blocked[d].append(span)
     free = [_FreeSpace(lengths[d], blocked[d]) for d in sources]
     controls, same_document_joins = _controls(rng, group, sources, free, n_real, window_size, chunk_size, doc_ids)
-    counts.update(control=n_real, control_source_documents=len(sources), same_document_joins=same_document_joins)
+    counts.update(real=n_real, control=n_real, control_source_documents=len(sources),
+                  same_document_joins=same_document_joins)
     return samples + controls
 
 
@@ -140,9 +164,9 @@ def _controls(rng: np.random.Generator, group: str, sources: list[int], free: li
                     weights = room[size].copy()
                     same_document_joins += 1
             if weights.sum() == 0:
-                raise ValueError(
+                raise NotEnoughText(
                     f"group {group!r}: not enough text outside the {n_real} real windows to build control {j} "
-                    f"({window_size} tokens in chunks of {chunk_size}); lower num_windows or chunk_size, or add documents"
+                    f"({window_size} tokens in chunks of {chunk_size})"
                 )
             position = int(rng.choice(len(sources), p=weights / weights.sum()))
             space = free[position]
@@ -150,8 +174,9 @@ def _controls(rng: np.random.Generator, group: str, sources: list[int], free: li
                 start = space.start(size, int(rng.integers(int(room[size][position]))))
                 if position != previous or start != chunks[-1][2]:
                     break
-            else:  # pragma: no cover - a single gap exactly continuing the previous chunk
-                raise ValueError(f"group {group!r}: cannot place a non-adjacent chunk in document {doc_ids[sources[position]]!r}")
+            else:  # only a gap exactly continuing the previous chunk is left: too little room, as above
+                raise NotEnoughText(f"group {group!r}: cannot place a non-adjacent chunk in document "
+                                    f"{doc_ids[sources[position]]!r}")
             space.remove(start, start + size)
             for other, counts_of_size in room.items():
                 counts_of_size[position] = space.count(other)
@@ -177,8 +202,9 @@ def probe_samples(
         lengths (sequence of `int`): token count of every document.
         groups (sequence): group of every document (converted with ``str``).
         window_size (`int`): W, tokens per window.
-        num_windows (`int`, defaults to `32`): N, real windows per group (fewer when the group has
-            fewer candidate windows); the group gets as many controls as real windows.
+        num_windows (`int`, defaults to `32`): N, real windows per group at most (fewer when the group
+            has fewer candidate windows, or too little text outside N real windows for N controls);
+            the group gets as many controls as real windows.
         chunk_size (`int`, defaults to `256`): tokens per control chunk; at most ``W // 2``.
         seed (`int`, defaults to `0`): sampling seed.
         doc_ids (sequence of `str`, *optional*): document ids, for the real windows' ids; default
@@ -186,8 +212,8 @@ def probe_samples(
 
     Returns:
         `(list[ProbeSample], dict)`: the samples (per group, sorted by group: real then control) and
-        counts per group (``documents``, ``window_documents``, ``candidate_windows``, ``real``,
-        ``control``, ``control_source_documents``, ``same_document_joins``).
+        counts per group (``documents``, ``window_documents``, ``candidate_windows``, ``requested``
+        (``num_windows``), ``real``, ``control``, ``control_source_documents``, ``same_document_joins``).
 
     Example:
 

