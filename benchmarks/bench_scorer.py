@@ -113,7 +113,7 @@ def compute_floor(query, key, min_distance, scaling):
 
 
 def ours(query, key, min_distance, scaling):
-    from hf_longattn.triton_stats import attention_sums
+    from hf_longattn.kernels import attention_sums
 
     return attention_sums(query, key, [min_distance], scaling)
 

@@ -165,9 +165,7 @@ def far_attention_sums(
     query = (query.float() * scaling).view(batch, kv_heads, groups, length, head_dim)  # (B, H_kv, G, L, d)
     key = key.float()  # (B, H_kv, L, d)
 
-    from . import kernels  # here, not at the top: kernels imports this module
-
-    row_sums = kernels.cpu_row_sums() if fused is not False and query.device.type == "cpu" else None
+    row_sums = cpu_kernel.row_sums() if fused is not False and query.device.type == "cpu" else None
     if fused is True and row_sums is None:
         raise RuntimeError("fused=True needs the compiled CPU kernel: a CPU tensor, a C++ compiler and ninja")
     thresholds = torch.tensor(distances, device=query.device)

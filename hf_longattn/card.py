@@ -127,7 +127,7 @@ class CardData:
 
     @property
     def category_rows(self) -> list[list[Any]]:
-        rows = [[r.category, f"`{r.split}`", r.documents, r.documents_too_short, r.windows_left_out, r.windows,
+        rows = [[r.category, f"`{r.split}`" if r.split else "— (no window)", r.documents, r.documents_too_short, r.windows_left_out, r.windows,
                  r.scored_ok, r.kept, r.tokens_in, r.tokens_out, r.tokens_kept, r.threshold] for r in self.categories]
         total = CategoryRow("**total**", "", *(sum(getattr(r, name) for r in self.categories)
                                               for name in ("windows", "scored_ok", "kept", "tokens_in", "tokens_out")))

@@ -10,6 +10,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .arguments import OPTIONS, add_config_arguments, config_from_args, no_progress_bars  # noqa: F401 - public here too
+from .errors import LongAttnError
+
 DESCRIPTION = """\
 Select long-context training data with LongAttn (arXiv 2502.16860): cut long documents into
 windows of W tokens, score each window with the token-level attention of a causal LM's first
@@ -35,20 +38,22 @@ STEP_HELP = {
     "run": (
         "all steps: windows → score → select → export (→ push)",
         "Run the whole job: build the windows, score them in resumable chunks, select the top "
-        "keep_fraction per category, export the Hub-ready folder (output_dir/hub) and, with "
-        "--push-to-hub, upload it. Prints a per-category summary table and the wall time of each "
-        "step (also saved as output_dir/summary.json). Launch it under `accelerate launch "
-        "--num_processes N` (or torchrun) to run on N processes: every process claims and does the "
-        "next free unit of each step (input shards, chunks, export parts); the main process alone "
-        "selects, finishes the export (card, plots) and pushes.",
+        "keep_fraction per category with the configuration's settings, export the Hub-ready folder "
+        "(output_dir/hub) and, with --push-to-hub, upload it. Every command runs the steps its target "
+        "needs that are not current (the run graph: each file records what it was made from), so a "
+        "relaunch redoes only what changed. Prints a per-category summary table and the wall time of "
+        "each step (also saved as output_dir/summary.json). Under `accelerate launch --num_processes N` "
+        "(or torchrun) every process claims and does the next free unit of each step (input shards, "
+        "chunks, export parts); the main process alone selects, finishes the export and pushes.",
     ),
     "windows": (
         "documents → windows of W tokens (paper Algorithm 1)",
         "Read the sources, tokenise every document and cut it into windows of window_size tokens "
         "(LongAttn Algorithm 1; documents shorter than W are counted and dropped; at most "
-        "max_windows_per_category windows per category, a deterministic sample). Saves the windows "
-        "to output_dir/windows and prints (and saves as windows/windows_stats.json) the documents, "
-        "too-short documents, windows and tokens per category. Reused when already built.",
+        "max_windows_per_category windows per category are scored, a deterministic sample). Saves the "
+        "windows to output_dir/windows and prints (and saves as windows/windows_stats.json) the "
+        "documents, too-short documents, windows and tokens per category. Every windows shard is checked "
+        "against its sha256 and reused when intact; only changed or damaged inputs are windowed again.",
     ),
     "score": (
         "score the windows in chunks (resumable, multi-process)",
@@ -58,7 +63,7 @@ STEP_HELP = {
         "the file). Chunks with a valid marker are skipped, so a killed run resumes where it stopped. "
         "Under `accelerate launch --num_processes N` every process claims the next free chunk "
         "until none is left, so a relaunch on any number of processes spreads what is missing. "
-        "Builds the windows first if they are missing. Refuses an output_dir that holds "
+        "Builds the windows first if they are missing or changed. Refuses an output_dir that holds "
         "scores of another configuration (model, W, k, layer, dtype, chunk_size ...).",
     ),
     "select": (
@@ -66,22 +71,25 @@ STEP_HELP = {
         "Merge the score chunks (checking that every window is there exactly once), compute "
         "LDS_T per category (normalization zscore: Z(DS_T) + alpha*Z(DU_T), or minmax), keep the "
         "top keep_fraction of the valid windows of each category (ties broken by id), or a random "
-        "baseline (selection_method random). Writes output_dir/selection.parquet and "
-        "selector.json and prints the summary table. Cheap: rerun it with other selection settings.",
+        "baseline (selection_method random). Writes output_dir/selection.parquet, selector.json and "
+        "selection.json (the scores and settings it was made from) and prints the summary table. "
+        "Cheap: rerun it with other selection settings; `export` and `push` publish the last selection made.",
     ),
     "export": (
         "write the Hub-ready dataset folder (parquet, card, plots)",
         "Write output_dir/hub: configs `filtered` (kept windows, the default) and `scored` (every "
         "window with its scores), one split per category, a dataset card (README.md) with the "
         "method, settings, rows and tokens per category, score quantiles, and PNG plots. Load it "
-        "with datasets.load_dataset(folder, 'filtered'). Reselects first if the selection settings "
-        "changed.",
+        "with datasets.load_dataset(folder, 'filtered'). Publishes the last selection made (by "
+        "`select` or `run`), saying so when the configuration's selection settings differ; when the "
+        "scores changed since, it selects again with that selection's settings first.",
     ),
     "push": (
         "upload the exported folder to the Hugging Face Hub",
         "Upload output_dir/hub to the dataset repo given by --push-to-hub (or push_to_hub in the "
-        "config), creating it if needed (--private). The token comes from `hf auth login` or "
-        "HF_TOKEN. Under HF_HUB_OFFLINE=1 it stops with a clear message before doing anything.",
+        "config), creating it if needed (--private); exports first when hub/ does not hold the export "
+        "of the last selection made. The token comes from `hf auth login` or HF_TOKEN. Under "
+        "HF_HUB_OFFLINE=1 it stops with a clear message before doing anything.",
     ),
     "probe": (
         "check that the scoring model/layer separates real windows from shuffled-chunk controls",
@@ -97,70 +105,6 @@ STEP_HELP = {
         "--set applied), as YAML that --config reads back.",
     ),
 }
-
-# flag, config key, type, help
-OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--output-dir", "output_dir", str, "folder of the run (windows, scores, selection, hub/)"),
-    ("--model", "model", str, "scoring model: Hub id, model folder, .gguf file or 'smollm2'"),
-    ("--tokenizer", "tokenizer", str, "tokenizer name or path (default: the model's)"),
-    ("--window-size", "window_size", int, "W, tokens per window"),
-    ("--min-distance", "min_distance", "number", "k as a fraction of W (e.g. 0.25) or in tokens (e.g. 8192)"),
-    ("--layer", "layer", int, "decoder layer scored (paper: 0)"),
-    ("--dtype", "dtype", str, "float32, bfloat16 or float16 (default: float32 on CPU)"),
-    ("--max-windows-per-category", "max_windows_per_category", int, "keep at most this many windows per category"),
-    ("--chunk-size", "chunk_size", int, "windows per chunk (unit of resumption)"),
-    ("--batch-size", "batch_size", int, "windows per scorer call"),
-    ("--num-proc", "num_proc", int, "processes for tokenising and windowing"),
-    ("--keep-fraction", "keep_fraction", float, "fraction of valid windows kept per category"),
-    ("--alpha", "alpha", float, "weight of DU_T in LDS_T"),
-    ("--normalization", "normalization", str, "zscore (paper) or minmax (reference code)"),
-    ("--selection-method", "selection_method", str, "lds or random (baseline)"),
-    ("--seed", "seed", int, "seed of the random baseline"),
-]
-
-
-def _number(text: str) -> int | float:
-    """``"8192"`` → 8192 (tokens), ``"0.25"`` → 0.25 (a fraction)."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _parse_set(values: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    overrides = {}
-    for item in values:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> None:
-    """Add the configuration flags every command shares (``--config``, ``--input``, options, ``--set``) to ``parser``."""
-    group = parser.add_argument_group("configuration (later ones win: --config < --input < options < --set)")
-    group.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded offline demo)")
-    group.add_argument("--input", "--data", dest="input", metavar="PATH", action="append", default=[],
-                       help="documents to use instead of the config's sources: .jsonl(.gz), .parquet, a text file "
-                            "or a folder (repeatable); category from a `category` column, else the file/folder name")
-    for flag, key, kind, text in OPTIONS:
-        if key not in skip:
-            group.add_argument(flag, dest=key, type=_number if kind == "number" else kind, default=None,
-                               metavar=key.upper(), help=text)
-    group.add_argument("--faithful", dest="faithful", action="store_true", default=None,
-                       help="reference-code window boundaries (no window for a document of exactly W tokens)")
-    group.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO_ID", default=None,
-                       help="dataset repo to upload the export to (run, push)")
-    group.add_argument("--private", dest="private", action="store_true", default=None,
-                       help="create the Hub repo as private")
-    group.add_argument("--set", dest="set_values", metavar="KEY=VALUE", action="append", default=[],
-                       help="any config key, value parsed as YAML (repeatable), e.g. --set keep_fraction=0.25")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
-
 
 class OneLineParser(argparse.ArgumentParser):
     """An `argparse.ArgumentParser` whose errors are one line: what is wrong, the closest valid flag, where help is."""
@@ -204,40 +148,6 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
     if extras:
         (parser.commands.get(args.command) or parser).unknown(extras)
     return args
-
-
-def config_from_args(args: argparse.Namespace):
-    """The `RunConfig` of parsed arguments: --config (or the demo), then --input, options, --set (validated once)."""
-    from .config import RunConfig
-    from .sources import SourceConfig
-
-    overrides: dict[str, Any] = {}
-    if args.input:
-        overrides["sources"] = [SourceConfig(path=path).to_dict() for path in args.input]
-        if args.config is None:
-            overrides["output_dir"] = "longattn-output"
-    for key in RunConfig.keys():  # every flag's dest is the config key it sets
-        if key != "sources" and getattr(args, key, None) is not None:
-            overrides[key] = getattr(args, key)
-    overrides.update(_parse_set(args.set_values))
-    return RunConfig.from_yaml(args.config, overrides)
-
-
-from .errors import LongAttnError  # noqa: E402 - torch-free, cheap
-
-
-def no_progress_bars() -> None:
-    """Silence the progress bars of datasets and huggingface_hub (here, and in processes started from here).
-
-    What ``--no-progress`` does besides the job's own bars; the recipes call it too.
-    """
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    import datasets
-    import huggingface_hub.utils
-
-    datasets.disable_progress_bars()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def _is_main_process() -> bool:
@@ -300,34 +210,19 @@ def one_line(error: BaseException, output_dir: str | None = None) -> str:
 
 
 def _run_step(command: str, config: Any, *, progress: bool) -> int:
-    """Run one step (or ``run``: all) of the job and print its summary on the main process."""
+    """Run one command through the driver (`hf_longattn.run.driver.drive`) and print its summary on the main process."""
     from .counts import format_summary
-    from .errors import LongAttnError
-    from .run.job import LongAttnPipeline
+    from .run.driver import LocalEngine, drive
 
-    pipeline = LongAttnPipeline(config, progress=progress)
+    if command == "push" and not config.push_to_hub:
+        raise LongAttnError("push needs a repo: --push-to-hub REPO_ID (or push_to_hub in the config)")
+    engine = LocalEngine()
     started = time.perf_counter()
-    if command in ("run", "push"):
-        pipeline.check_push()  # before any work
-    summary = None
-    if command == "run":
-        summary = pipeline.run()
-    elif command == "windows":
-        pipeline.windows()
-    elif command == "score":
-        pipeline.score()
-    elif command == "select":
-        summary = pipeline.select()
-    elif command == "export":
-        pipeline.export()
-        summary = pipeline.summary() if pipeline.is_main else None
-    else:  # push
-        if not config.push_to_hub:
-            raise LongAttnError("push needs a repo: --push-to-hub REPO_ID (or push_to_hub in the config)")
-        pipeline.push()
-    if summary:
+    summary = drive(config, command, engine=engine, progress=progress)
+    run = engine.run(config, progress=False)
+    if summary and command in ("run", "select", "export", "push"):
         print(format_summary(summary), flush=True)
-    if pipeline.is_main:
+    if run.is_main:
         print(f"[{command}] done in {time.perf_counter() - started:.1f} s; outputs in {config.output_dir}", flush=True)
     return 0
 

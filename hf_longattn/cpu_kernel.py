@@ -70,6 +70,16 @@ class BuildLockTimeout(TimeoutError):
     """Another process held the build lock longer than the timeout; its message is the one-line warning."""
 
 
+def enabled() -> bool:
+    """Whether the compiled CPU kernel may be used (``HF_LONGATTN_FUSED`` is not ``0``; read on every call)."""
+    return os.environ.get("HF_LONGATTN_FUSED", "1") != "0"
+
+
+def row_sums() -> Callable | None:
+    """The compiled CPU row kernel, or ``None`` when it is switched off or cannot be built here."""
+    return far_row_sums_function() if enabled() else None
+
+
 def far_row_sums_function() -> Callable | None:
     """``torch.ops.hf_longattn.far_row_sums``, built and loaded on first call; ``None`` when unavailable.
 

@@ -14,11 +14,11 @@ Three implementations compute the same float64 ``(B, T, H)`` sums S1 and S2 (see
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from . import cpu_kernel
 from .attention_stats import FarAttentionSums, far_attention_sums
 
 TRITON_OPTIONS = frozenset({"block_m", "block_n", "num_warps", "num_stages"})
@@ -26,18 +26,10 @@ TORCH_OPTIONS = frozenset({"block_rows", "block_bytes"})
 BACKENDS = ("auto", "triton", "torch")
 
 
-def cpu_kernel_enabled() -> bool:
-    """Whether the compiled CPU kernel may be used (``HF_LONGATTN_FUSED`` is not ``0``)."""
-    return os.environ.get("HF_LONGATTN_FUSED", "1") != "0"
-
-
-def cpu_row_sums() -> Callable | None:
-    """The compiled CPU row kernel, or ``None`` when it is switched off or cannot be built here."""
-    if not cpu_kernel_enabled():
-        return None
-    from . import cpu_kernel
-
-    return cpu_kernel.far_row_sums_function()
+cpu_kernel_enabled = cpu_kernel.enabled
+"""Whether the compiled CPU kernel may be used (`hf_longattn.cpu_kernel.enabled`)."""
+cpu_row_sums = cpu_kernel.row_sums
+"""The compiled CPU row kernel, or ``None`` (`hf_longattn.cpu_kernel.row_sums`)."""
 
 
 def triton_usable(device: torch.device) -> bool:

@@ -18,12 +18,16 @@ and ``ranks(lds, ids, seed)`` and register it under a versioned name in :data:`S
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .config import NORMALIZATIONS
 from .registry import Registry
+
+NORMALIZATIONS = ("zscore", "minmax")
+"""How LDS normalises DS_T and DU_T within a group; checked by the configuration and by the selector."""
 
 SELECTION_METHODS = Registry("selection method")
 """Selection methods by versioned name; each ranks a group's valid rows (see `LdsMethod`)."""
@@ -171,3 +175,31 @@ def lds_scores(
 def _random_key(seed: int, row_id: str) -> int:
     """Rank of a row in the random baseline: 64 bits of BLAKE2b over ``(seed, id)`` (row-order free)."""
     return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{row_id}".encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def check_alpha(alpha: Any) -> None:
+    """Raise a `ValueError` unless ``alpha`` (the weight of DU_T in LDS_T) is a finite number.
+
+    Example:
+
+    >>> check_alpha(float("nan"))
+    Traceback (most recent call last):
+    ...
+    ValueError: alpha must be a finite number, got nan
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+
+
+def check_keep_fraction(keep_fraction: Any) -> None:
+    """Raise a `ValueError` unless ``keep_fraction`` is a number in [0, 1].
+
+    Example:
+
+    >>> check_keep_fraction(1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: keep_fraction must be a number in [0, 1], got 1.5
+    """
+    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0 <= keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be a number in [0, 1], got {keep_fraction!r}")

@@ -19,4 +19,4 @@ from .run.layout import (  # noqa: F401
     WINDOWS_STATS_FILE,
     chunk_name,
 )
-from .run.storage import atomic_write, atomic_write_json, sha256_file  # noqa: F401
+from .storage import atomic_write, atomic_write_json, sha256_file  # noqa: F401

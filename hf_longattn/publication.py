@@ -113,7 +113,7 @@ class ExportWriter:
         """Write one part atomically (nothing for an empty table: :meth:`finish` adds an empty file where needed)."""
         import pyarrow.parquet as pq
 
-        from .run.storage import atomic_write
+        from .storage import atomic_write
 
         key = (config, split)
         self.rows.setdefault(key, 0)
@@ -291,7 +291,7 @@ def export_dataset(
     >>> datasets.load_dataset(str(folder), "filtered")  # doctest: +SKIP
     DatasetDict({arxiv: Dataset(...), book: Dataset(...), code: Dataset(...)})
     """
-    from .run.storage import atomic_folder
+    from .storage import atomic_folder
 
     if max_shard_rows < 1:
         raise ValueError(f"max_shard_rows must be >= 1, got {max_shard_rows}.")
@@ -315,7 +315,7 @@ def export_dataset(
 
 def content_tag(parts: list[Any], *more: Any) -> str:
     """A 12-hex tag of an export's content (see :func:`part_name`)."""
-    from .run.storage import json_sha256
+    from .storage import json_sha256
 
     return json_sha256([parts, *more])[:12]
 

@@ -9,10 +9,10 @@ built on the units every engine calls, so that every engine gives the same numbe
 - `LongAttnChunkScorer`: ``{"chunk": j}`` rows of a run's chunk plan → each chunk scored and
   written with its ``.done`` marker, atomically; one report row per chunk.
 
-`run_job` runs the job of ``hf-longattn run`` on the connected Ray cluster: the stages of
-`hf_longattn.run.stages` as Ray tasks, the scoring as a Ray Data pipeline of `LongAttnChunkScorer`
-actors over the chunks without a valid marker. Same run folder, file for file; a relaunch redoes
-only what is missing. Every node must see ``output_dir``, the sources and the model at one path.
+`run_job` runs the job of ``hf-longattn run`` on the connected Ray cluster through the one driver
+(`hf_longattn.run.driver`) with `RayEngine`: every stage of `hf_longattn.run.stages` as Ray tasks
+that claim their units. Same run folder, file for file; a relaunch redoes only what is missing.
+Every node must see ``output_dir``, the sources and the model at one path.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from .config import RunConfig
 from .errors import LongAttnError
 from .run import score_step, stages
 from .run.chunks import check_chunk, score_chunk
-from .run.storage import read_json
+from .run.driver import Engine
 from .run.units import window_documents, windows_schema
 
-__all__ = ["LongAttnChunkScorer", "LongAttnScorerActor", "LongAttnWindowsUDF", "as_run_config", "cluster_defaults",
-           "pending_chunks", "run_job", "score_pending_chunks", "to_arrow"]
+__all__ = ["LongAttnChunkScorer", "LongAttnScorerActor", "LongAttnWindowsUDF", "RayEngine", "as_run_config",
+           "cluster_defaults", "pending_chunks", "run_job", "to_arrow"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,19 +188,21 @@ class LongAttnScorerActor:
 
 
 class LongAttnChunkScorer:
-    """Chunk indices of a run's plan → each chunk scored and written with its marker, for ``ds.map_batches``.
+    """Chunk indices of a run's plan → each chunk claimed, scored and written with its marker, for ``ds.map_batches``.
 
-    Holds one task `Run` (`hf_longattn.run.stages.task_run`) per actor and calls the score step's
-    per-chunk function: ``scores/chunk-NNNNNN.parquet`` then its ``.done`` marker, atomically, as
-    ``hf-longattn score`` does. A chunk valid by the time it comes up (a retried task) is skipped.
+    Holds one task `Run` (`hf_longattn.run.stages.task_run`) per actor and scores a chunk the way
+    the score step does: it claims it first (a chunk valid by the time it comes up, or held by
+    another live task, is skipped), then writes ``scores/chunk-NNNNNN.parquet`` and its ``.done``
+    marker atomically, fenced by the claim and by the launch's run lock.
 
     Args:
         config (`RunConfig`, `dict` or `str`): the run, whose plan stage has run.
         device (`str`, *optional*): as for `LongAttnScorerActor`.
+        launch (`str`, *optional*): the launch id of the driver holding the run lock.
 
     Input batches: a ``chunk`` column (indices into ``scores/plan.json``). Output: a
-    `pyarrow.Table` with ``chunk``, ``windows``, ``scored`` (`False` when it was already done)
-    and ``seconds``, one row per chunk.
+    `pyarrow.Table` with ``chunk``, ``windows``, ``scored`` (`False` when it was already done or
+    held elsewhere) and ``seconds``, one row per chunk.
 
     Example:
 
@@ -209,27 +211,34 @@ class LongAttnChunkScorer:
     ...     num_gpus=1, compute=ray.data.ActorPoolStrategy(size=8)).materialize()  # doctest: +SKIP
     """
 
-    def __init__(self, config: Any, device: str | None = None) -> None:
-        self.run = stages.task_run(config, device=device)
-        self.plan = read_json(self.run.folder.scores / score_step.PLAN_FILE, what="the chunk plan",
-                              remedy="run the plan stage")
+    def __init__(self, config: Any, device: str | None = None, launch: str | None = None) -> None:
+        self.run = stages.task_run(config, device=device, launch=launch)
+        self.plan = score_step.read_plan(self.run)
         self.reuse: dict[str, Any] | None = None
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
+        from .run.lock import claim
+
         table = to_arrow(batch)
         _require(table, ("chunk",), "LongAttnChunkScorer", "indices into scores/plan.json")
-        fingerprint = self.run.fingerprint["fingerprint"]
+        fingerprint, run = self.run.fingerprint["fingerprint"], self.run
         report: dict[str, list] = {"chunk": [], "windows": [], "scored": [], "seconds": []}
         for index in table.column("chunk").to_pylist():
-            chunk, started = self.plan["chunks"][int(index)], time.perf_counter()
-            todo = check_chunk(self.run.folder.scores, int(index), chunk["rows"], fingerprint, chunk["digest"])
-            if todo is not None:
-                if self.reuse is None:  # scores of unchanged windows kept from an earlier plan, read once
-                    self.reuse = score_step.reuse_index(self.run)
-                score_step.score_one_chunk(self.run, int(index), chunk, self.reuse, lambda n: None)
-            for key, value in zip(report, (int(index), chunk["rows"], todo is not None, time.perf_counter() - started)):
+            chunk, started, scored = self.plan.chunks[int(index)], time.perf_counter(), False
+            if check_chunk(run.folder.scores, int(index), chunk.rows, fingerprint, chunk.digest) is not None:
+                held = claim(run.folder.chunk_claim(int(index)), run.launch, 0)
+                if held is not None:
+                    try:
+                        if self.reuse is None:  # scores of unchanged windows kept from an earlier plan, read once
+                            self.reuse = score_step.reuse_index(run)
+                        score_step.score_one_chunk(run, int(index), chunk, self.reuse, lambda n: None,
+                                                   before_commit=lambda: (held.check(), run.fence()))
+                        scored = True
+                    finally:
+                        held.release()
+            for key, value in zip(report, (int(index), chunk.rows, scored, time.perf_counter() - started)):
                 report[key].append(value)
         types = (pa.int64(), pa.int64(), pa.bool_(), pa.float64())
         return pa.table(report, schema=pa.schema(list(zip(report, types))))
@@ -248,74 +257,12 @@ def pending_chunks(config: Any) -> list[int]:
     return stages.pending_chunks(config)
 
 
-def score_pending_chunks(config: Any, pending: list[int], *, concurrency: int = 1, num_gpus: float = 0,
-                         device: str | None = None) -> list[dict[str, Any]]:
-    """Score ``pending`` chunks with a Ray Data pipeline of `LongAttnChunkScorer` actors; returns their reports.
-
-    ``concurrency`` actors (at most one per chunk), each with ``num_gpus`` GPUs; one chunk per
-    call, so a crash loses at most the chunks in flight.
-
-    Example:
-
-    >>> reports = score_pending_chunks(config, pending_chunks(config), concurrency=8, num_gpus=1)  # doctest: +SKIP
-    """
-    if not pending:
-        return []
-    size = max(1, min(int(concurrency), len(pending)))
-    options: dict[str, Any] = {"num_gpus": num_gpus} if num_gpus else {}
-    dataset = ray.data.from_items([{"chunk": int(j)} for j in pending],
-                                  override_num_blocks=min(len(pending), 16 * size))
-    dataset = dataset.map_batches(LongAttnChunkScorer, batch_size=1, batch_format="pyarrow",
-                                  fn_constructor_kwargs={"config": as_run_config(config).to_dict(), "device": device},
-                                  compute=ray.data.ActorPoolStrategy(size=size), **options)
-    return dataset.take_all()
-
-
-def _input_shards(config: Any) -> int:
-    from .shards import plan_input_shards
-
-    return len(plan_input_shards(as_run_config(config).sources))
-
-
-def _plan(config: Any) -> dict[str, Any]:
-    """The plan stage, then what the driver needs: windows shards and pending chunks."""
-    report = stages.plan_stage(config)
-    report["windows_shards"] = len(stages.task_run(config).windows_stats()["shards"])
-    report["pending"] = pending_chunks(config)
-    return report
-
-
-def _probe(config: Any) -> None:
-    from .run.export_step import probe
-
-    probe(stages.task_run(config))
-
-
-def _on_ray(function: Any, *args: Any, num_gpus: float = 0) -> Any:
-    """Run ``function(*args)`` as a Ray task and wait for its result."""
-    return ray.get(ray.remote(num_cpus=1, num_gpus=num_gpus)(function).remote(*args))
-
-
-def _on_ray_tasks(function: Any, config: dict[str, Any], tasks: int) -> list[Any]:
-    """``function(config, rank, tasks)`` for every rank, as parallel Ray tasks; the first error raises once all end."""
-    remote = ray.remote(num_cpus=1)(function)
-    results, errors = [], []
-    for ref in [remote.remote(config, rank, tasks) for rank in range(tasks)]:
-        try:  # every result is fetched, so that Ray does not report the others' errors as unhandled
-            results.append(ray.get(ref))
-        except Exception as error:  # noqa: BLE001 - re-raised below, once every task has finished
-            errors.append(error)
-    if errors:
-        raise errors[0]
-    return results
-
-
 def cluster_defaults(tasks: int | None, concurrency: int | None,
                      num_gpus_per_actor: float | None) -> tuple[int, int, float]:
     """``(tasks, concurrency, num_gpus_per_actor)`` with what is unset taken from `ray.cluster_resources`.
 
-    Defaults: one CPU task per CPU; one GPU per actor when the cluster has GPUs, then one actor
-    per GPU, else one CPU actor per CPU. Asking for GPUs on a cluster without any raises.
+    Defaults: one CPU task per CPU; one GPU per scoring task when the cluster has GPUs, then one
+    scoring task per GPU, else one per CPU. Asking for GPUs on a cluster without any raises.
 
     Example:
 
@@ -334,52 +281,80 @@ def cluster_defaults(tasks: int | None, concurrency: int | None,
     return int(tasks or cpus), int(actors), per_actor
 
 
+class RayEngine(Engine):
+    """Dispatches the driver's stages as Ray tasks on the connected cluster: ``tasks`` CPU tasks for the windows and
+    export stages, ``concurrency`` scoring tasks with ``num_gpus`` GPUs each, one task for the others.
+
+    Every task claims its units (`hf_longattn.run.stages.run_task`); the driver's process holds the run lock.
+    """
+
+    name = "ray"
+
+    def __init__(self, tasks: int, concurrency: int, num_gpus: float = 0, device: str | None = None) -> None:
+        self.tasks, self.concurrency, self.num_gpus, self.device = tasks, concurrency, num_gpus, device
+
+    def run(self, config: Any, *, progress: bool = True) -> Any:
+        from .run.context import Run
+        from .run.executor import LocalExecutor
+
+        return Run(config, LocalExecutor(), progress=progress)
+
+    def run_stages(self, run: Any, stages_to_run: list[str]) -> dict[str, float]:
+        payload, launch, timings = run.config.to_dict(), run.launch, {}
+        for name in stages_to_run:
+            started, stage = time.perf_counter(), stages.STAGES[name]
+            gpus = self.num_gpus if name in ("score", "probe") else 0
+            count = (self.concurrency if name == "score" else self.tasks) if stage.many else 1
+            remote = ray.remote(num_cpus=1, num_gpus=gpus)(_task)
+            _gather([remote.remote(payload, name, rank, count, launch, self.device if gpus or self.device else None)
+                     for rank in range(count)])
+            timings[name] = round(time.perf_counter() - started, 3)
+        return timings
+
+
+def _task(config: dict[str, Any], stage: str, rank: int, tasks: int, launch: str, device: str | None) -> dict[str, int]:
+    return stages.run_task(config, stage, rank, tasks, launch=launch, device=device)
+
+
+def _gather(refs: list[Any]) -> list[Any]:
+    """Every task's result; the first error raises once all have ended (so Ray reports none as unhandled)."""
+    results, errors = [], []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except Exception as error:  # noqa: BLE001 - re-raised below, once every task has finished
+            errors.append(error)
+    if errors:
+        raise errors[0]
+    return results
+
+
 def run_job(config: Any, *, tasks: int | None = None, concurrency: int | None = None,
-            num_gpus_per_actor: float | None = None, device: str | None = None) -> dict[str, Any]:
-    """Run windows → plan → score → fit → export → finish on the connected Ray cluster; return the summary.
+            num_gpus_per_actor: float | None = None, device: str | None = None, target: str = "run") -> dict[str, Any]:
+    """Run the job (``target``: a command, default ``run``) on the connected Ray cluster through the one driver.
 
     The run folder of ``hf-longattn run`` (same files, same numbers); the same call again resumes,
-    keeping every valid windows shard and chunk. The driver holds ``output_dir/.lock`` meanwhile.
+    redoing only what is not current. The driver's process holds ``output_dir/.lock`` meanwhile.
 
     Args:
         config (`RunConfig`, `dict` or `str`): the run.
-        tasks (`int`, *optional*): parallel CPU tasks of the windows and export stages (≤ one per shard).
-        concurrency (`int`, *optional*), num_gpus_per_actor (`float`, *optional*): the scorer actors
+        tasks (`int`, *optional*): parallel CPU tasks of the windows and export stages.
+        concurrency (`int`, *optional*), num_gpus_per_actor (`float`, *optional*): the scoring tasks
             and their GPUs (0: CPU; 0.5 shares a GPU). Defaults: `cluster_defaults`.
-        device (`str`, *optional*): the scorers' device (default: the actor's GPU, else the CPU).
+        device (`str`, *optional*): the scorers' device (default: the task's GPU, else the CPU).
 
     Example:
 
     >>> ray.init(address="auto")  # doctest: +SKIP
     >>> print(format_summary(run_job("recipes/configs/demo.yaml", concurrency=4)))  # doctest: +SKIP
     """
-    from .run import select_step, windows_step
-    from .run.lock import RunLock, new_launch_id
-    from .run.storage import atomic_write_json
+    from .run.driver import drive
 
     config = as_run_config(config)
     config = config.replace(output_dir=str(Path(config.output_dir).absolute()))  # tasks may run in other folders
     tasks, concurrency, gpus = cluster_defaults(tasks, concurrency, num_gpus_per_actor)
-    run, payload, started = stages.task_run(config), config.to_dict(), time.perf_counter()
-    windows_step.check_push(run)  # before any work
-    run.folder.check_inside()
     _warn_relative_paths(config)
-    with RunLock(run.folder.root, new_launch_id()):
-        if config.probe:
-            run.timed("probe", lambda: _on_ray(_probe, payload, num_gpus=gpus))
-        plan = run.timed("windows", lambda: _windows(payload, tasks))
-        pending = plan["pending"]
-        print(f"[score] {plan['chunks'] - len(pending)} of {plan['chunks']} chunks done, {len(pending)} to score "
-              f"with {min(concurrency, max(1, len(pending)))} Ray actor(s), {gpus:g} GPU(s) each "
-              f"(chunk_size={config.chunk_size})", flush=True)
-        run.timed("score", lambda: score_pending_chunks(payload, pending, concurrency=concurrency, num_gpus=gpus,
-                                                        device=device))
-        _on_ray(stages.fit_stage, payload)
-        run.timed("export", lambda: _export(payload, min(tasks, plan["windows_shards"])))
-        run.timings["total"] = round(time.perf_counter() - started, 3)
-        summary = select_step.summary(run)
-        atomic_write_json(run.folder.summary, summary)
-    return summary
+    return drive(config, target, engine=RayEngine(tasks, concurrency, gpus, device), progress=False)
 
 
 def _warn_relative_paths(config: RunConfig) -> None:
@@ -390,15 +365,3 @@ def _warn_relative_paths(config: RunConfig) -> None:
     if relative and sum(1 for node in ray.nodes() if node.get("Alive")) > 1:
         logger.warning("hf_longattn: relative paths %s are read by Ray tasks from their own working folder on each "
                        "node; give absolute paths on storage every node sees", relative)
-
-
-def _windows(config: dict[str, Any], tasks: int) -> dict[str, Any]:
-    """The windows stage in up to ``tasks`` parallel tasks, then the plan (one task)."""
-    _on_ray_tasks(stages.windows_stage, config, max(1, min(tasks, _on_ray(_input_shards, config))))
-    return _on_ray(_plan, config)
-
-
-def _export(config: dict[str, Any], tasks: int) -> None:
-    """The export stage in ``tasks`` parallel tasks, then the finish (one task: card, plots, ``hub/``, push)."""
-    _on_ray_tasks(stages.export_stage, config, max(1, tasks))
-    _on_ray(stages.finish_stage, config)

@@ -35,8 +35,7 @@ STATUS_OK, STATUS_EMPTY, STATUS_MISSING, STATUS_TOO_SHORT = V.OK, V.EMPTY, V.MIS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _MIN_BLOCK_BYTES = 1 << 20
-_CONTEXT_WARNED: set[tuple[str, int, int]] = set()
-"""(model, max_length, context) already warned about in this process: the warning is given once per process."""
+_CONTEXT_WARNED: set[tuple[str, int, int]] = set()  # (model, max_length, context) warned about in this process
 
 
 # torch's CPU allocator raises a plain RuntimeError: "DefaultCPUAllocator: can't allocate memory: ...".

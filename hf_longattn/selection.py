@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from . import vocabulary as V
-from .config import check_alpha, check_keep_fraction
 from .lds import (  # noqa: F401 - re-exported: their home before hf_longattn 0.2
+    check_alpha,
+    check_keep_fraction,
     METHODS,
     NORMALIZATIONS,
     SELECTION_METHODS,

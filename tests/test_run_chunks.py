@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hf_longattn.run.chunks import check_chunk, num_chunks, owned_chunks
-from hf_longattn.run.storage import atomic_write_json, sha256_file
+from hf_longattn.storage import atomic_write_json, sha256_file
 
 
 def test_owned_chunks_cover_every_chunk_once():

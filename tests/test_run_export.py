@@ -55,11 +55,11 @@ def test_push_after_a_reselection_pushes_the_new_selection(own_run, fake_hub, ca
     kept = sum(row["kept"] for row in summary["categories"].values())
     assert kept == sum(math.floor(0.5 * row["scored_ok"]) for row in summary["categories"].values())
     assert LongAttnPipeline(half, progress=False).push() == "https://huggingface.co/datasets/me/tiny"
-    assert "does not hold the export of the current selection: exporting again first" in capsys.readouterr().out
+    assert "[push] to do: export, finish, push\n  export: " in capsys.readouterr().out
     assert filtered_rows(fake_hub[-1]) == kept
     assert fake_hub[-1]["delete_patterns"] == ["data/**", "plots/**"]  # an earlier export's files go
-    LongAttnPipeline(half, progress=False).push()  # current now: pushed as it is
-    assert "exporting again" not in capsys.readouterr().out and filtered_rows(fake_hub[-1]) == kept
+    LongAttnPipeline(half, progress=False).push()  # pushed already: nothing to upload
+    assert "[push] everything is current" in capsys.readouterr().out and len(fake_hub) == 1
 
 
 def test_push_without_network_says_so_in_one_line(own_run, monkeypatch, capsys):

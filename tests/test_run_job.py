@@ -8,7 +8,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from hf_longattn.config import RunConfig
@@ -148,41 +147,14 @@ def test_no_window_at_all_is_a_clear_error(tiny_model, tmp_path):
         LongAttnPipeline(config, progress=False).windows()
 
 
-def test_select_before_scoring_says_what_to_run(tiny_model, corpus, tmp_path):
+def test_select_on_an_empty_folder_runs_the_steps_it_needs(tiny_model, corpus, tmp_path, capsys):
+    """The run graph: `select` needs windows, a plan and scores; the driver runs them first and says so."""
     config = tiny_config(tiny_model, corpus, tmp_path / "out")
-    pipeline = LongAttnPipeline(config, progress=False)
-    with pytest.raises(LongAttnError, match="run the `windows` step first"):
-        pipeline.select()
-    pipeline.windows()
-    with pytest.raises(LongAttnError, match=r"No scores in .*run the `score` step first"):
-        pipeline.select()
-    (tmp_path / "out" / "scores").mkdir()
-    from hf_longattn.run.context import Run
-    from hf_longattn.run.score_step import plan_chunks
-
-    plan_chunks(Run(config, progress=False))  # planned, nothing scored
-    with pytest.raises(LongAttnError, match=r"score chunk\(s\) are missing or invalid.*run the `score` step"):
-        pipeline.select()
-
-
-@pytest.mark.smollm2
-@pytest.mark.slow
-def test_smollm2_end_to_end_on_real_documents(smollm2_gguf, corpus, tmp_path):
-    config = RunConfig(
-        model="smollm2", sources=[SourceConfig(path=str(corpus / "code.jsonl"), limit=1),
-                                  SourceConfig(path=str(corpus / "prose.jsonl"), limit=1)],
-        window_size=256, keep_fraction=0.5, chunk_size=2, output_dir=str(tmp_path / "out"),
-    )
-    summary = LongAttnPipeline(config, progress=False).run()
-    for category in ("code", "prose"):
-        row = summary["categories"][category]
-        assert row["windows"] >= 2 and row["scored_ok"] == row["windows"]
-        assert 0.0 < row["median_ds"] < 1.0 and row["median_du"] < 0.0
-        assert row["kept"] == math.floor(0.5 * row["windows"])
-    assert "smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf" in (tmp_path / "out" / "hub" / "README.md").read_text()
-    loaded = load_export(tmp_path / "out" / "hub", "filtered")
-    assert sorted(loaded) == ["code", "prose"]
-    assert np.isfinite(loaded["code"]["longattn_lds"]).all()
+    summary = LongAttnPipeline(config, progress=False).select()
+    printed = capsys.readouterr().out
+    assert "[select] to do: windows, plan, score, select\n  windows: 3 of 3 input shard(s) to window" in printed
+    assert (tmp_path / "out" / "selection.parquet").is_file() and summary["categories"]
+    assert not (tmp_path / "out" / "hub").exists()  # the target stops at the selection
 
 
 def test_probe_switch_puts_the_self_check_into_the_card(tiny_model, tmp_path):
@@ -204,21 +176,21 @@ def test_probe_switch_puts_the_self_check_into_the_card(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EACCES], ids=["disk-full", "permission"])
 def test_storage_errors_stop_clearly_and_keep_finished_chunks(tiny_model, corpus, tmp_path, monkeypatch, error_number):
-    from hf_longattn.run import storage as storage_module
+    from hf_longattn import storage as storage_module
     from hf_longattn.run.chunks import check_chunk
 
     config = tiny_config(tiny_model, corpus, tmp_path / "out")
     real_write = storage_module.atomic_write
     written: list[str] = []
 
-    def failing_write(path, write):
+    def failing_write(path, write, **fencing):
         if Path(path).name.startswith("chunk-"):
             if len(written) >= 4:  # two chunks (parquet + marker each) succeed, then the disk is "full"
                 def no_space(temporary):
                     raise OSError(error_number, os.strerror(error_number), str(temporary))
-                return real_write(path, no_space)
+                return real_write(path, no_space, **fencing)
             written.append(Path(path).name)
-        return real_write(path, write)
+        return real_write(path, write, **fencing)
 
     monkeypatch.setattr(storage_module, "atomic_write", failing_write)
     with pytest.raises(LongAttnError, match=rf"cannot write .*chunk-.*{errno.errorcode[error_number]}.*relaunch"):

@@ -1,4 +1,4 @@
-"""Tests of hf_longattn.run.storage and the one error path: full disks, corrupt files, symlinks — one line, nothing partial."""
+"""Tests of hf_longattn.storage and the one error path: full disks, corrupt files, symlinks — one line, nothing partial."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from hf_longattn.cli import main
 from hf_longattn.errors import LongAttnError
-from hf_longattn.run import storage
-from hf_longattn.run.storage import atomic_folder, read_json
+from hf_longattn import storage
+from hf_longattn.storage import atomic_folder, read_json
 
 from .helpers import tiny_config
 
@@ -41,13 +41,13 @@ def no_space(path_part: str, monkeypatch, error_number: int = errno.ENOSPC) -> N
     """Make every atomic write whose target path contains ``path_part`` fail as a full disk would."""
     real = storage.atomic_write
 
-    def failing(path, write):
+    def failing(path, write, **fencing):
         if path_part in str(path):
             def full(temporary):
                 Path(temporary).write_bytes(b"partial")
                 raise OSError(error_number, os.strerror(error_number), str(temporary))
-            return real(path, full)
-        return real(path, write)
+            return real(path, full, **fencing)
+        return real(path, write, **fencing)
 
     monkeypatch.setattr(storage, "atomic_write", failing)
 
@@ -85,7 +85,7 @@ def test_a_full_disk_in_the_export_keeps_the_previous_export_whole(finished_run,
     monkeypatch.setattr(storage.os, "replace", full)
     path = Path(config.output_dir).parent / "export.yaml"
     path.write_text(config.replace(keep_fraction=0.5).to_yaml())
-    assert main(["export", "--config", str(path), "--no-progress"]) == 2
+    assert main(["run", "--config", str(path), "--no-progress"]) == 2  # re-selects, then the export fails at the swap
     assert "(ENOSPC)" in capsys.readouterr().err
     assert sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*")) == before  # the old export, whole
     monkeypatch.undo()

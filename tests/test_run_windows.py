@@ -120,8 +120,10 @@ def test_a_damaged_window_inside_a_verified_file_stops_with_the_row(edited):
 
     pq.write_table(table.set_column(table.schema.get_field_index("input_ids"), "input_ids",
                                     pa.array(ids, table.schema.field("input_ids").type)), path, row_group_size=4)
+    from hf_longattn.run.records import Chunk
+
     with pytest.raises(LongAttnError, match=r"row 1 \(window .*\): its token ids do not match their recorded hash"):
-        chunk_windows(Run(config, progress=False), chunk)
+        chunk_windows(Run(config, progress=False), Chunk(**chunk))
 
 
 def test_colliding_categories_stop_before_scoring_and_a_rename_fixes_it(tiny_model, tmp_path):

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from pathlib import Path
 
-from hf_longattn.sources import SourceConfig, iter_documents, pydoc_documents, read_sources, stdlib_documents
+from hf_longattn.shards import iter_documents, read_sources
+from hf_longattn.sources import SourceConfig, pydoc_documents, stdlib_documents
 
 
 def test_sources_read_jsonl_parquet_text_and_folders(tmp_path):

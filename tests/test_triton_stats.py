@@ -22,7 +22,8 @@ pytest.importorskip("triton")
 from hf_longattn import triton_stats  # noqa: E402
 from hf_longattn.attention_stats import dependency_statistics, far_attention_sums  # noqa: E402
 from hf_longattn.reference import causal_attention_map, sums_from_attention_map  # noqa: E402
-from hf_longattn.triton_stats import attention_sums, triton_available, triton_far_attention_sums  # noqa: E402
+from hf_longattn.kernels import attention_sums  # noqa: E402
+from hf_longattn.triton_stats import triton_available, triton_far_attention_sums  # noqa: E402
 
 INTERPRETER = triton_stats._interpreting()
 needs_interpreter = pytest.mark.skipif(

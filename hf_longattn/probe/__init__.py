@@ -48,7 +48,8 @@ Layout: `statistics` (AUC, verdict), `sampling` (real windows and controls), `re
 
 from __future__ import annotations
 
-from .command import add_probe_parser, main, run_probe_command
+from .__main__ import main
+from .command import add_probe_parser, run_probe_command
 from .core import ALL_GROUPS, load_documents, parse_layers, probe, probe_run_config
 from .report import ProbeReport
 from .sampling import ProbeSample, probe_samples

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ def _layers(text: str) -> list[int] | str:
 def add_probe_parser(subparsers: Any, short: str = "check that the scoring model/layer separates real windows",
                      description: str | None = None) -> argparse.ArgumentParser:
     """Register ``probe`` on an ``argparse`` sub-parser set; it dispatches to :func:`run_probe_command` via ``args.func``."""
-    from ..cli import add_config_arguments
+    from ..arguments import add_config_arguments
 
     parser = subparsers.add_parser("probe", help=short, description=description or short)
     add_config_arguments(parser, skip=("layer", "chunk_size"))
@@ -50,40 +48,32 @@ def add_probe_parser(subparsers: Any, short: str = "check that the scoring model
 
 
 def run_probe_command(args: argparse.Namespace, config: Any = None) -> int:
-    """Run ``hf-longattn probe``: print counts and the table, write report.json / report.md / probe.png, print the verdict."""
-    from ..cli import config_from_args
+    """Run ``hf-longattn probe``: print counts and the table, write report.json / report.md / probe.png, print the verdict.
+
+    Into the run folder (no ``--output``), the probe holds the run lock and, when it probed what the
+    run's probe step would (groups by category, the ``text`` column), records its key there too, so
+    that ``run`` with ``probe: true`` reuses it and ``export`` puts it into the card.
+    """
+    import contextlib
+
+    from ..arguments import config_from_args
     from ..model_checks import check_model, check_window_fits
-    from ..run.storage import atomic_write_text
-    from ..sources import SourceConfig, read_sources
-    from .core import probe_run_config
+    from ..run.context import Run
 
     config = config if config is not None else config_from_args(args)
     check_window_fits(config, check_model(config.model, config.revision))
-    sources = config.sources
-    if args.text_column != "text":
-        sources = [SourceConfig.from_dict({**s.to_dict(), "text_column": args.text_column}) for s in sources]
-    by = None if str(args.by).lower() == "none" else args.by
-    report = probe_run_config(config, read_sources(sources), by=by, device=args.device)
-    output = Path(args.output) if args.output else Path(config.output_dir) / "probe"
-    output.mkdir(parents=True, exist_ok=True)
-    for group, counts in report.counts.items():
-        fewer = (f" (fewer than the {counts['requested']} asked: the group's text allows no more)"
-                 if counts.get("requested", 0) > counts["real"] else "")
-        print(f"{group}: {counts['documents']} documents ({counts['window_documents']} of ≥ {config.window_size} tokens), "
-              f"{counts['candidate_windows']} candidate windows, {counts['real']} real + {counts['control']} "
-              f"control windows{fewer}, {counts['not_scored']} not scored")
-    timings = report.timings
-    print(f"scored {timings['windows_scored']} windows ({timings['tokens_scored']} tokens) × {len(report.layers)} layers "
-          f"in {timings['score_s']:.1f} s (total {timings['total_s']:.1f} s)\n")
-    print(report.to_markdown())
-    atomic_write_text(output / "report.md", report.to_markdown() + "\n\n" + report.to_markdown("wide") + "\n\n"
-                      + report.verdict + "\n")
-    report.to_json(output / "report.json")
-    written = [output / "report.json", output / "report.md"]
-    try:
-        written.append(report.plot(output / "probe.png"))
-    except ImportError as error:
-        print(f"\n(no plot: {error})")
+    run = Run(config, progress=False)
+    with contextlib.nullcontext() if args.output else run.locked():
+        report = _probe(args, config)
+        output = Path(args.output) if args.output else run.folder.probe
+        written = _write(report, output, run.fence if not args.output else None)
+        if not args.output and str(args.by).lower() == "category" and args.text_column == "text":
+            from ..run.graph import probe_key
+            from ..run.records import ProbeRecord
+            from ..storage import sha256_file
+
+            ProbeRecord(key=probe_key(run), report_sha256=sha256_file(run.folder.probe_report)).write(
+                run.folder.probe_record, before_commit=run.fence)
     print(f"\nwrote {', '.join(map(str, written))}\n")
     print(report.verdict)
     print(f"\nFor the run's layer {config.layer}: {report.scorer_check(config.layer)['sentence']}")
@@ -94,8 +84,41 @@ def run_probe_command(args: argparse.Namespace, config: Any = None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hf_longattn.probe ...``: the probe subcommand on its own."""
-    from ..cli import main as cli_main
+def _probe(args: argparse.Namespace, config: Any) -> Any:
+    """The probe of ``config`` with the command's own options; prints the counts and the table."""
+    from ..shards import read_sources
+    from ..sources import SourceConfig
+    from .core import probe_run_config
 
-    return cli_main(["probe", *(sys.argv[1:] if argv is None else argv)])
+    sources = config.sources
+    if args.text_column != "text":
+        sources = [SourceConfig.from_dict({**s.to_dict(), "text_column": args.text_column}) for s in sources]
+    by = None if str(args.by).lower() == "none" else args.by
+    report = probe_run_config(config, read_sources(sources), by=by, device=args.device)
+    for group, counts in report.counts.items():
+        fewer = (f" (fewer than the {counts['requested']} asked: the group's text allows no more)"
+                 if counts.get("requested", 0) > counts["real"] else "")
+        print(f"{group}: {counts['documents']} documents ({counts['window_documents']} of ≥ {config.window_size} tokens), "
+              f"{counts['candidate_windows']} candidate windows, {counts['real']} real + {counts['control']} "
+              f"control windows{fewer}, {counts['not_scored']} not scored")
+    timings = report.timings
+    print(f"scored {timings['windows_scored']} windows ({timings['tokens_scored']} tokens) × {len(report.layers)} layers "
+          f"in {timings['score_s']:.1f} s (total {timings['total_s']:.1f} s)\n")
+    print(report.to_markdown())
+    return report
+
+
+def _write(report: Any, output: Path, fence: Any) -> list[Path]:
+    """``report.md``, ``report.json`` and ``probe.png`` (when matplotlib is there) in ``output``; the files written."""
+    from ..storage import atomic_write_text
+
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "report.md", report.to_markdown() + "\n\n" + report.to_markdown("wide") + "\n\n"
+                      + report.verdict + "\n", before_commit=fence)
+    report.to_json(output / "report.json")
+    written = [output / "report.json", output / "report.md"]
+    try:
+        written.append(report.plot(output / "probe.png"))
+    except ImportError as error:
+        print(f"\n(no plot: {error})")
+    return written

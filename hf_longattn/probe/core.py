@@ -31,7 +31,8 @@ def load_documents(data: Any, text_column: str = V.TEXT) -> Any:
     """
     from datasets import Dataset
 
-    from ..sources import SourceConfig, read_sources
+    from ..shards import read_sources
+    from ..sources import SourceConfig
 
     if isinstance(data, Dataset):
         return data

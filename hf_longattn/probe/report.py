@@ -53,7 +53,7 @@ class ProbeReport:
 
     def to_json(self, path: str | Path) -> Path:
         """Write the whole report (NaN as null) to ``path``; returns the path."""
-        from ..run.storage import atomic_write_text
+        from ..storage import atomic_write_text
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

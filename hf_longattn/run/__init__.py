@@ -1,1 +1,1 @@
-"""The run package: the run folder, its files and locks, the units of work any engine can call, and the one-node job."""
+"""The run package: the run folder and its records, the run graph and its one driver, the steps, the lock and claims, for every engine."""

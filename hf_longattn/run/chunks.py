@@ -1,10 +1,12 @@
-"""Chunks, the unit of scoring work: ownership, the free `score_chunk`, and files with completion markers.
+"""Chunks, the unit of scoring work: the free `score_chunk`, and chunk files with completion markers.
 
-A *chunk* is ``chunk_size`` consecutive windows (by global index). `score_chunk` scores one with
-any scorer and returns an Arrow table; `write_chunk` stores it as ``scores/chunk-NNNNNN.parquet``
-and then its ``.done`` marker, both atomically. `check_chunk` trusts a chunk only when its marker
-parses, names this fingerprint and the expected rows, and the parquet file has the sha256 the
-marker recorded — so killing a process at any moment loses at most the chunks in flight.
+A *chunk* is up to ``chunk_size`` consecutive windows of one windows shard (`hf_longattn.run.records.Chunk`).
+`score_chunk` scores one with any scorer and returns an Arrow table; `write_chunk` stores it as
+``scores/chunk-NNNNNN.parquet`` and then its ``.done`` marker, both atomically and fenced.
+`check_chunk` trusts a chunk only when its marker parses, names this fingerprint and the expected
+rows, and the parquet file has the sha256 the marker recorded — so killing a process at any moment
+loses at most the chunks in flight. `owned_chunks` is the static assignment of hf_longattn 0.1
+(every engine now claims chunks instead), kept for comparison in ``benchmarks/bench_scale.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any
 from .. import __version__
 from .. import vocabulary as V
 from .layout import chunk_name
-from . import storage
-from .storage import read_json, sha256_file
+from .. import storage
+from ..storage import read_json, sha256_file
 
 
 def num_chunks(num_windows: int, chunk_size: int) -> int:
@@ -80,18 +82,23 @@ def score_chunk(scorer: Any, windows: Any, *, batch_size: int,
     return pa.table(columns, schema=schema)
 
 
-def write_chunk(scores_dir: Path, index: int, table: Any, record: Mapping[str, Any]) -> None:
+def write_chunk(scores_dir: Path, index: int, table: Any, record: Mapping[str, Any],
+                before_commit: Callable[[], None] | None = None) -> None:
     """Write ``chunk-NNNNNN.parquet`` then its ``.done`` marker (``record`` + rows, ids, sha256), both atomically.
 
     An old marker is removed first, so that it never outlives the parquet file it describes.
+    ``before_commit`` (a fencing check: this process still owns the chunk) runs before each of the
+    three changes, so an owner that lost the chunk changes nothing.
     """
     import pyarrow.parquet as pq
 
     started = time.perf_counter()
     parquet = scores_dir / f"{chunk_name(index)}.parquet"
     marker = scores_dir / f"{chunk_name(index)}.done"
+    if before_commit is not None:
+        before_commit()
     marker.unlink(missing_ok=True)
-    storage.atomic_write(parquet, lambda tmp: pq.write_table(table, tmp))
+    storage.atomic_write(parquet, lambda tmp: pq.write_table(table, tmp), before_commit=before_commit)
     ids = table.column(V.ID)
     storage.atomic_write_json(marker, {
         "chunk": index,
@@ -102,7 +109,7 @@ def write_chunk(scores_dir: Path, index: int, table: Any, record: Mapping[str, A
         "hf_longattn_version": __version__,
         **record,
         "seconds": round(float(record.get("seconds", 0.0)) + time.perf_counter() - started, 3),
-    })
+    }, before_commit=before_commit)
 
 
 def check_chunk(scores_dir: Path, index: int, expected_rows: int, fingerprint: str, digest: str | None = None) -> str | None:

@@ -15,7 +15,7 @@ from ..config import RunConfig
 from ..errors import LongAttnError
 from .executor import Executor, executor_from_environment
 from .layout import RunFolder
-from .storage import atomic_write_json, read_json
+from ..storage import atomic_write_json, read_json
 
 STEPS = ("windows", "score", "select", "export", "push")
 
@@ -30,7 +30,8 @@ class Run:
         progress (`bool`, defaults to `True`): show progress bars.
     """
 
-    def __init__(self, config: RunConfig, executor: Executor | None = None, *, progress: bool = True) -> None:
+    def __init__(self, config: RunConfig, executor: Executor | None = None, *, progress: bool = True,
+                 launch: str | None = None) -> None:
         self.config = config
         self.folder = RunFolder(config.output_dir)
         self._executor = executor
@@ -38,7 +39,8 @@ class Run:
         self.timings: dict[str, float] = {}
         self._scorer = None
         self._fingerprint: dict[str, Any] | None = None
-        self._launch: str | None = None
+        self._launch: str | None = launch
+        self.fenced = launch is not None  # a task of a launch that holds the run lock: every commit checks it still does
         self._lock = None
         self._lock_depth = 0
         self._model_checked = False
@@ -67,6 +69,24 @@ class Run:
             self._launch = self.executor.broadcast(new_launch_id())
         return self._launch
 
+    def fence(self) -> None:
+        """Before a commit: raise `hf_longattn.run.lock.LostLock` (one line) if this launch no longer holds the folder.
+
+        A task of a launch (``fenced``) checks that ``.lock`` still names its launch; a process used
+        on its own (no driver, no lock) only checks that no other launch holds the folder.
+        """
+        from .lock import _look_settled, fence
+
+        if self.fenced:
+            if self._lock is not None:
+                self._lock.check()
+            else:
+                fence(self.folder.root, self.launch)
+            return
+        seen = _look_settled(self.folder.lock)
+        if seen is not None and (seen.record or {}).get("launch") not in (None, self._launch):
+            fence(self.folder.root, self.launch)
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[Run]:
         """Hold the run lock (main process) while the block runs; re-entrant, so steps may nest."""
@@ -83,6 +103,7 @@ class Run:
                 self._lock = RunLock(self.folder.root, launch).acquire()
 
             self.executor.run_on_main(acquire)  # refused: every process stops with the main one's message
+            self.fenced = True
         self._lock_depth += 1
         failed = True
         try:
@@ -96,6 +117,14 @@ class Run:
                 if failed and created:  # a first launch refused before writing anything leaves no folder behind
                     with contextlib.suppress(OSError):
                         self.folder.root.rmdir()
+
+    def detach_lock(self) -> None:
+        """Leave the run lock to the launch's tasks (a job chain that outlives this process): no heartbeat, no release."""
+        if self._lock is not None:
+            from .lease import detach
+
+            detach(self._lock)
+            self._lock = None
 
     def check_model(self) -> None:
         """Before any work: the model exists (a clear error for a mistyped name) and takes windows of W tokens."""
@@ -146,9 +175,11 @@ class Run:
         timings = {**self.saved_timings(), **self.timings}
         return dict(sorted(timings.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
 
-    def windows_stats(self) -> dict[str, Any]:
-        """``windows/windows_stats.json``: counts per category (raises when the windows are not built)."""
+    def windows_stats(self) -> Any:
+        """``windows/windows_stats.json`` as a `hf_longattn.run.records.WindowsStats` (raises when the windows are not built)."""
+        from .records import WindowsStats
+
         path = self.folder.windows_stats
         if not path.is_file():
             raise LongAttnError(f"No windows in {self.folder.windows}: run the `windows` step first")
-        return read_json(path, what="windows statistics", remedy=f"delete {self.folder.windows} and relaunch")
+        return WindowsStats.read(path)

@@ -3,8 +3,8 @@
 An *executor* is what the steps ask about the processes of one launch; it never decides what to
 compute. `LocalExecutor` is one process; `AccelerateExecutor` is every process started by
 ``accelerate launch`` or ``torchrun`` (gloo on CPU, NCCL on GPUs), through
-`accelerate.PartialState`. Other engines (datatrove, Ray) call the units of work directly and
-need no executor.
+`accelerate.PartialState`; `TaskExecutor` is one task started by another engine (datatrove, Ray),
+which the driver's engine runs stage after stage (`hf_longattn.run.driver`).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class LocalExecutor(Executor):
 class TaskExecutor(Executor):
     """Task ``rank`` of ``world_size`` started by another engine (datatrove, Ray): no collectives, no barrier.
 
-    Its units are assigned statically (unit ``i`` to task ``i % world_size``); the engine runs the
-    stages one after the other.
+    Like every process, it claims its units (the rank only picks where it starts looking); the
+    engine runs the stages one after the other.
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, device: str | None = None, local_rank: int = 0) -> None:

@@ -1,26 +1,22 @@
-"""The LongABC job on one node as a short sequence of steps: windows → score → select → export → push (`LongAttnPipeline`)."""
+"""`LongAttnPipeline`: the LongABC job in Python, one method per command, each through the one driver (`hf_longattn.run.driver`)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from ..config import RunConfig
-from . import export_step, score_step, select_step, windows_step
+from . import driver
 from .context import Run
 from .executor import Executor
-from .storage import atomic_write_json
 
 
 class LongAttnPipeline:
     """Run the LongABC job step by step, resumably, on one or many processes (``accelerate launch`` / ``torchrun``).
 
-    Steps (each also an ``hf-longattn`` subcommand): :meth:`windows`, :meth:`score`,
-    :meth:`select`, :meth:`export`, :meth:`push`; :meth:`run` does them all and returns the
-    summary. Each step reads what the previous one left in ``output_dir``, so steps can run in
-    separate launches; ``score`` builds the windows when they are missing and ``export`` redoes
-    the (cheap) selection when its settings changed. The steps themselves are functions of a
-    `hf_longattn.run.context.Run` in ``hf_longattn/run/*_step.py``.
+    Each method is an ``hf-longattn`` command: it runs, through `hf_longattn.run.driver.drive`, the
+    steps its target needs that are not current (the run graph, `hf_longattn.run.graph`), so steps
+    may run in separate launches and a relaunch redoes only what changed. :meth:`run` does them all
+    and returns the summary.
 
     Args:
         config (`RunConfig`): the run.
@@ -35,6 +31,8 @@ class LongAttnPipeline:
 
     def __init__(self, config: RunConfig, *, progress: bool = True, executor: Executor | None = None) -> None:
         self.config = config
+        self.progress = progress
+        self.engine = driver.LocalEngine(executor)
         self.run_state = Run(config, executor, progress=progress)
 
     # -- what the steps share ---------------------------------------------------------------------------
@@ -43,70 +41,63 @@ class LongAttnPipeline:
     scores_dir = property(lambda self: self.run_state.folder.scores)
     hub_dir = property(lambda self: self.run_state.folder.hub)
     probe_dir = property(lambda self: self.run_state.folder.probe)
-    timings = property(lambda self: self.run_state.timings)
+    timings = property(lambda self: self.run_state.saved_timings())
     scorer = property(lambda self: self.run_state.scorer)
     fingerprint = property(lambda self: self.run_state.fingerprint)
     is_main = property(lambda self: self.run_state.is_main)
 
-    # -- the steps ---------------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        windows_step.prepare(self.run_state)
+    def _drive(self, target: str) -> dict[str, Any]:
+        return driver.drive(self.config, target, engine=self.engine, progress=self.progress)
 
-    def check_push(self) -> None:
-        windows_step.check_push(self.run_state)
-
+    # -- the commands ------------------------------------------------------------------------------------
     def windows(self) -> Any:
-        with self.run_state.locked():
-            return windows_step.windows(self.run_state)
+        """``hf-longattn windows``; returns the windows as a `datasets.Dataset` (in memory: small runs)."""
+        from .windows_step import load_windows
 
-    def windows_stats(self) -> dict[str, Any]:
-        return self.run_state.windows_stats()
+        self._drive("windows")
+        return load_windows(self.run_state)
 
     def score(self) -> None:
-        with self.run_state.locked():
-            score_step.score(self.run_state)
+        self._drive("score")
+
+    def select(self) -> dict[str, Any]:
+        return self._drive("select")
+
+    def export(self) -> Any:
+        self._drive("export")
+        return self.run_state.folder.hub
+
+    def push(self) -> str | None:
+        """``hf-longattn push``: the URL of the repository, or `None` when ``push_to_hub`` is not set (nothing to do)."""
+        if not self.config.push_to_hub:
+            return None
+        self._drive("push")
+        from .records import PushRecord
+
+        record = PushRecord.read_if_valid(self.run_state.folder.push_record)
+        return record.url if record is not None else None
+
+    def probe(self) -> Any:
+        from ..probe.report import ProbeReport
+
+        self._drive("probe")
+        return ProbeReport.from_json(self.run_state.folder.probe_report)
+
+    def run(self) -> dict[str, Any]:
+        """Every step (and the push when ``push_to_hub`` is set); returns the summary (empty on non-main processes)."""
+        return self._drive("run")
+
+    # -- reading the run ---------------------------------------------------------------------------------
+    def windows_stats(self) -> dict[str, Any]:
+        return self.run_state.windows_stats().to_json()
 
     def merged_scores(self, windows: Any = None) -> Any:
         """All score chunks, checked (`score_step.merged_scores`); ``windows`` is ignored, kept for compatibility."""
-        return score_step.merged_scores(self.run_state)
+        from .score_step import merged_scores
 
-    def select(self) -> dict[str, Any]:
-        with self.run_state.locked():
-            return select_step.select(self.run_state)
+        return merged_scores(self.run_state)
 
     def summary(self, selection: Any = None, selector: Any = None) -> dict[str, Any]:
-        return select_step.summary(self.run_state, selection, selector)
+        from .select_step import summary
 
-    def export(self) -> Any:
-        with self.run_state.locked():
-            return export_step.export(self.run_state)
-
-    def push(self) -> str | None:
-        with self.run_state.locked():
-            return export_step.push(self.run_state)
-
-    def probe(self) -> Any:
-        with self.run_state.locked():
-            return export_step.probe(self.run_state)
-
-    def run(self) -> dict[str, Any]:
-        """windows → score → select → export → push; returns the summary (empty on non-main processes).
-
-        Stops before any work when ``push_to_hub`` is set under ``HF_HUB_OFFLINE=1``.
-        """
-        started = time.perf_counter()
-        run = self.run_state
-        windows_step.check_push(run)
-        with run.locked():
-            if self.config.probe and run.is_main:
-                export_step.probe(run)
-            score_step.score(run)
-            select_step.select(run)  # the main process; the others wait in the export for it
-            export_step.export(run)  # every process writes parts; the main one finishes
-            if not run.is_main:
-                return {}
-            export_step.push(run)
-            run.timings["total"] = round(time.perf_counter() - started, 3)
-            result = select_step.summary(run)
-            atomic_write_json(run.folder.summary, result)
-        return result
+        return summary(self.run_state, selection, selector)

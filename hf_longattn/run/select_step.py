@@ -1,7 +1,10 @@
-"""Step 3, select: fit `LongAttnSelector` on the merged scores, write the selection, and summarise the run.
+"""Step 4, select (one task): fit `LongAttnSelector` on the merged scores, write the selection and its record; summarise.
 
-Main process only. Selection settings (``keep_fraction``, ``alpha``, ``normalization``,
-``selection_method``, ``seed``) may change between launches: re-selecting reuses the scores.
+``selection.parquet`` holds every window's scores, ``longattn_lds`` and ``longattn_selected``;
+``selector.json`` the fitted selector; ``selection.json`` (`hf_longattn.run.records.SelectionRecord`)
+what the selection was made from — the key of the scores and the selection settings
+(``selection_method``, ``keep_fraction``, ``alpha``, ``normalization``, ``seed``) — so that a
+later step knows whether it is current, and ``export``/``push`` publish exactly this selection.
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from .. import vocabulary as V
+from ..errors import LongAttnError
 from ..selection import LongAttnSelector
 from .context import Run
-from .score_step import merged_scores
-from .storage import atomic_write, atomic_write_json, read_json
-from .windows_step import prepare
+from .graph import scores_key, selection_settings, stale
+from .records import SelectionRecord
+from .score_step import merged_scores, read_plan
+from ..storage import atomic_write, atomic_write_json, read_json, sha256_file
 
 
 def selector_of(run: Run) -> LongAttnSelector:
@@ -23,22 +28,27 @@ def selector_of(run: Run) -> LongAttnSelector:
                             normalization=config.normalization, method=config.selection_method, seed=config.seed)
 
 
-def select(run: Run) -> dict[str, Any]:
-    """Fit the selector per category; write ``selection.parquet``, ``selector.json`` and ``summary.json``.
+def select_task(run: Run) -> dict[str, int]:
+    """The select step (one task): reuse the selection when current, else fit and write it. Returns the totals."""
+    if stale(run, "select") is None:
+        run.print(f"[select] reusing {run.folder.selection} (the scores and the selection settings are unchanged)")
+    else:
+        _select(run)
+    totals = dict.fromkeys(("windows", "scored_ok", "kept"), 0)
+    for counts in summary(run)["categories"].values():
+        for key in totals:
+            totals[key] += counts[key]
+    return totals
 
-    Main process only (the others return ``{}`` at once). Returns the summary (see :func:`summary`).
-    """
-    prepare(run)
-    if not run.is_main:
-        return {}
-    return run.timed("select", lambda: _select(run))
 
-
-def _select(run: Run) -> dict[str, Any]:
+def _select(run: Run) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     scores = merged_scores(run)  # every chunk checked against the windows it must hold
+    key = scores_key(run, read_plan(run))
+    if key is None:
+        raise LongAttnError(f"some score chunks in {run.folder.scores} are not valid: run the `score` step")
     selector = selector_of(run).fit(scores)
     lds: list = []
     selected: list = []
@@ -48,20 +58,24 @@ def _select(run: Run) -> dict[str, Any]:
         lds.extend(added[V.LDS])
         selected.extend(added[V.SELECTED])
     table = scores.append_column(V.LDS, pa.array(lds, pa.float64())).append_column(V.SELECTED, pa.array(selected, pa.bool_()))
-    atomic_write(run.folder.selection, lambda tmp: pq.write_table(table, tmp))
-    atomic_write_json(run.folder.selector, selector.to_dict())
-    result = summary(run, table, selector)
-    atomic_write_json(run.folder.summary, result)
-    return result
+    atomic_write(run.folder.selection, lambda tmp: pq.write_table(table, tmp), before_commit=run.fence)
+    atomic_write_json(run.folder.selector, selector.to_dict(), before_commit=run.fence)
+    settings = selection_settings(run.config)
+    SelectionRecord(key=SelectionRecord.key_of(key, settings), scores=key, settings=settings,
+                    sha256=sha256_file(run.folder.selection)).write(run.folder.selection_record, before_commit=run.fence)
+    run.print(f"[select] {sum(selected)} of {len(selected)} windows selected ({run.config.selection_method}, "
+              f"keep_fraction {run.config.keep_fraction}) → {run.folder.selection}")
 
 
-def selection_is_current(run: Run) -> bool:
-    """Whether ``selection.parquet`` was made with the configuration's selection settings."""
-    folder = run.folder
-    if not folder.selector.is_file() or not folder.selection.is_file():
-        return False
-    saved = read_json(folder.selector, what="the fitted selector", remedy="delete it and run the `select` step")
-    return saved.get("config") == selector_of(run).config
+def read_selection(run: Run, columns: list[str] | None = None) -> Any:
+    """``selection.parquet`` after checking it is the file its record describes (a one-line error otherwise)."""
+    import pyarrow.parquet as pq
+
+    record = SelectionRecord.read(run.folder.selection_record) if run.folder.selection_record.is_file() else None
+    if record is None or not run.folder.selection.is_file() or sha256_file(run.folder.selection) != record.sha256:
+        raise LongAttnError(f"{run.folder.selection} is missing or not the selection its record describes: run the "
+                            "`select` step")
+    return pq.read_table(run.folder.selection, columns=columns)
 
 
 def load_selector(run: Run, remedy: str = "delete it and run the `select` step") -> LongAttnSelector:
@@ -71,20 +85,18 @@ def load_selector(run: Run, remedy: str = "delete it and run the `select` step")
 
 
 def summary(run: Run, selection: Any = None, selector: LongAttnSelector | None = None) -> dict[str, Any]:
-    """The run's settings, its counts per category (`hf_longattn.counts.category_counts`) and step timings.
+    """The run's settings, its counts per category (`hf_longattn.counts.category_counts`), scorer check and timings.
 
     Keys per category: ``documents``, ``documents_too_short``, ``tokens_documents``, ``windows``,
     ``windows_left_out``, ``scored_ok``, ``not_ok`` (rows per status), ``kept``, ``tokens_in`` /
     ``tokens_out`` (tokens of the scored / kept windows), ``median_ds``, ``median_du``,
     ``median_lds`` (ok rows), ``threshold`` (the lowest LDS_T kept) and ``threshold_id``.
     """
-    import pyarrow.parquet as pq
-
-    from ..counts import category_counts
     from ..config import min_distance_tokens
+    from ..counts import category_counts
 
     if selection is None:
-        selection = pq.read_table(run.folder.selection)
+        selection = read_selection(run)
     if selector is None:
         selector = load_selector(run)
     thresholds = {row["group"]: row["threshold"] for row in selector.summary()}
@@ -98,7 +110,7 @@ def summary(run: Run, selection: Any = None, selector: LongAttnSelector | None =
         "normalization": config.normalization,
         "keep_fraction": config.keep_fraction,
         "selection_method": config.selection_method,
-        "categories": category_counts(selection, run.windows_stats()["categories"], thresholds),
+        "categories": category_counts(selection, run.windows_stats().categories, thresholds),
         "scorer_check": scorer_check(run),
         "timings": run.all_timings(),
     }
@@ -110,7 +122,7 @@ NOT_PROBED = ("No probe was run for this model and layer: the ranking is only as
 
 
 def scorer_check(run: Run) -> dict[str, Any]:
-    """What ``probe/report.json`` says about the scored layer (`hf_longattn.probe.ProbeReport.scorer_check`).
+    """What ``probe/report.json`` says about the scored layer (`hf_longattn.probe.report.ProbeReport.scorer_check`).
 
     A report of another model, window size or min distance, or none, gives the assessment
     ``not probed`` and a sentence that says to run the probe. The summary prints the sentence and
@@ -118,10 +130,10 @@ def scorer_check(run: Run) -> dict[str, Any]:
     """
     from ..config import min_distance_tokens
 
-    path, config = run.folder.probe / "report.json", run.config
+    path, config = run.folder.probe_report, run.config
     if path.is_file():
         from ..model_loading import resolve_model
-        from ..probe import ProbeReport
+        from ..probe.report import ProbeReport
 
         report = ProbeReport.from_json(path)
         probed = report.config

@@ -1,38 +1,67 @@
-"""The job as stages of independent tasks for other engines (datatrove, Ray): each a function of (config, rank, world size).
+"""The job's steps as stages of tasks, for any engine: what one task of a stage does, as a function of its run.
 
-Run the stages in this order, each after every task of the one before has finished; a stage
-relaunched after a crash redoes only what has no valid completion record:
+Every engine (`hf_longattn.run.driver.LocalEngine` for one process or an accelerate launch,
+`hf_longattn.datatrove` for datatrove's local, Slurm and Ray executors, `hf_longattn.ray` for Ray)
+only dispatches tasks: it runs :func:`run_task` in as many tasks as it likes for a stage with
+``many=True`` — each task claims the next free unit (input shard, chunk, windows shard), so any
+number of tasks on any machines share the work and a relaunch does only what is missing — and in
+one task for the others. The driver (`hf_longattn.run.driver`) decides which stages run.
 
-=========  =================================================  ======================================
-stage      each task                                          writes
-=========  =================================================  ======================================
-windows    windows the input shards ``i ≡ rank (mod world)``  ``windows/shard-*.parquet`` + ``.json``
-plan       (one task) counts, cap, chunk plan                 ``windows_stats.json``, ``scores/plan.json``
-score      scores the chunks ``j ≡ rank (mod world)``          ``scores/chunk-*.parquet`` + ``.done``
-fit        (one task) merges, fits the selector, summarises   ``selection.parquet``, ``selector.json``, ``summary.json``
-export     decodes and writes the parts of shards ``i ≡ rank``  ``.hub.building-<tag>/data/*``
-finish     (one task) card and plots; swaps in ``hub/``; push  ``hub/``
-=========  =================================================  ======================================
-
-The output is the run folder of ``hf-longattn run`` (`hf_longattn.run.layout`), with the same
-file names, so runs on different engines can be compared file by file.
+=========  ======  ==================================================  ===========================================
+stage      tasks   each task                                           writes
+=========  ======  ==================================================  ===========================================
+probe      one     the scorer self-check (when configured)              ``probe/``
+windows    many    claims input shards, windows those not valid        ``windows/shard-*.parquet`` + ``.json``
+plan       one     counts, cap, chunk plan                              ``windows_stats.json``, ``scores/plan.json``
+score      many    claims chunks without a valid marker, scores them   ``scores/chunk-*.parquet`` + ``.done``
+select     one     merges, fits the selector                            ``selection.parquet``, ``selector.json``, ``selection.json``
+export     many    claims windows shards, writes their export parts    ``.hub.building-<key>/data/*`` + part records
+finish     one     numbers the parts, card and plots, swaps in hub/    ``hub/``, ``summary.json``
+push       one     uploads hub/ (when configured)                       the Hub repository, ``push.json``
+=========  ======  ==================================================  ===========================================
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from .. import vocabulary as V
 from ..config import RunConfig
-from . import export_step, score_step, select_step, windows_step
 from .context import Run
 from .executor import TaskExecutor
-from .storage import atomic_write_json, read_json
 
-STAGES = ("windows", "plan", "score", "fit", "export", "finish")
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its name, whether many tasks share it, and what one task does (returns its counts)."""
+
+    name: str
+    many: bool
+    task: Callable[[Run], dict[str, int]]
+
+
+def _task(module: str, function: str) -> Callable[[Run], dict[str, int]]:
+    def run(task_run: Run) -> dict[str, int]:
+        import importlib
+
+        return getattr(importlib.import_module(f".{module}", __package__), function)(task_run)
+
+    return run
+
+
+STAGES = {stage.name: stage for stage in (
+    Stage("probe", False, _task("probe_step", "probe_task")),
+    Stage("windows", True, _task("windows_step", "windows_task")),
+    Stage("plan", False, _task("plan_step", "plan_task")),
+    Stage("score", True, _task("score_step", "score_task")),
+    Stage("select", False, _task("select_step", "select_task")),
+    Stage("export", True, _task("export_step", "export_task")),
+    Stage("finish", False, _task("finish_step", "finish_task")),
+    Stage("push", False, _task("push_step", "push_task")),
+)}
+"""Every stage, in the order they run."""
 
 
 def as_run_config(config: RunConfig | Mapping[str, Any] | str | os.PathLike) -> RunConfig:
@@ -50,109 +79,67 @@ def as_run_config(config: RunConfig | Mapping[str, Any] | str | os.PathLike) -> 
 
 
 def task_run(config: RunConfig | Mapping[str, Any] | str | os.PathLike, rank: int = 0, world_size: int = 1,
-             device: str | None = None, local_rank: int = 0) -> Run:
-    """The `Run` of one task: ``config`` (see :func:`as_run_config`), task ``rank`` of ``world_size``.
+             device: str | None = None, local_rank: int = 0, launch: str | None = None) -> Run:
+    """The `Run` of one task: ``config`` (see :func:`as_run_config`), task ``rank`` of ``world_size`` of ``launch``.
 
     Without ``device``, the task scores on ``cuda:<local_rank>`` when there is a GPU, else the CPU.
+    With ``launch`` (the driver's launch id), every commit checks that the launch still holds the run lock.
     """
-    return Run(as_run_config(config), TaskExecutor(rank, world_size, device, local_rank), progress=False)
+    return Run(as_run_config(config), TaskExecutor(rank, world_size, device, local_rank), progress=False, launch=launch)
 
 
-def windows_stage(config: Any, rank: int = 0, world_size: int = 1) -> dict[str, int]:
-    """Window this task's input shards (those not done and checked); returns what it did.
+def run_task(config: Any, stage: str, rank: int = 0, world_size: int = 1, *, launch: str | None = None,
+             device: str | None = None, local_rank: int = 0) -> dict[str, int]:
+    """Do task ``rank`` of ``world_size`` of ``stage`` (one of :data:`STAGES`); return its counts (for stats).
 
-    Returns:
-        `dict[str, int]`: ``input_shards``, ``input_shards_built`` (the others were valid), and the sums
-        over the records of its windows shards of ``documents``, ``documents_too_short``,
-        ``tokens_documents`` and ``windows_cut`` (windows before ``max_windows_per_category``).
+    Example:
+
+    >>> run_task("my.yaml", "score", rank=3, world_size=8, launch=launch_id)  # doctest: +SKIP
+    {'chunks_pending': 12, 'chunks_scored': 2, 'windows_scored': 128, 'windows_reused': 0}
     """
-    run = task_run(config, rank, world_size)
-    windows_step.prepare(run, sources=True)
-    plan, names, identity = windows_step.windows_plan(run)
-    counts = {"input_shards": 0, "input_shards_built": 0}
-    for index in range(rank, len(plan), world_size):
-        counts["input_shards"] += 1
-        if windows_step.shard_is_valid(run, names[index], plan[index], identity):
-            record = read_json(run.folder.windows / f"{names[index]}.json")
-        else:
-            record = windows_step.window_one_shard(run, plan[index], names[index], identity)
-            counts["input_shards_built"] += 1
-        for category in record["categories"].values():
-            for key, value in category.items():
-                key = "windows_cut" if key == "windows" else key
-                counts[key] = counts.get(key, 0) + value
-    return counts
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {list(STAGES)}")
+    if not STAGES[stage].many and world_size != 1:
+        raise ValueError(f"the {stage} stage is one task: give its engine tasks=1 (got {world_size})")
+    return STAGES[stage].task(task_run(config, rank, world_size, device, local_rank, launch))
 
 
-def plan_stage(config: Any) -> dict[str, int]:
-    """One task: write the windows statistics and the chunk plan (every windows task must have finished)."""
-    run = task_run(config)
-    windows_step.prepare(run, sources=True)
-    plan, names, identity = windows_step.windows_plan(run)
-    recorded = read_json(run.folder.windows_stats) if run.folder.windows_stats.is_file() else {}
-    if recorded.get("identity") != identity or [s["name"] for s in recorded.get("shards", [])] != names:
-        windows_step.write_stats(run, plan, names, identity)
-    chunks = score_step.plan_chunks(run)
-    return {"windows": run.windows_stats()["total"]["windows"], "chunks": len(chunks["chunks"])}
+# -- the functions of hf_longattn 0.2, each one stage's task ------------------------------------------------
 
 
-def score_stage(config: Any, rank: int = 0, world_size: int = 1, device: str | None = None,
-                local_rank: int = 0) -> dict[str, int]:
-    """Score this task's chunks (``j ≡ rank``) that have no valid marker; resumable chunk by chunk.
-
-    Returns:
-        `dict[str, int]`: ``chunks`` (its own), ``chunks_scored`` (now), ``chunks_skipped`` (valid
-        already), ``windows`` (of its chunks), ``windows_scored`` (now), ``scored_ok`` and ``not_ok``
-        (statuses of the windows of its chunks).
-    """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    run = task_run(config, rank, world_size, device, local_rank)
-    plan = read_json(run.folder.scores / score_step.PLAN_FILE, what="the chunk plan", remedy="run the plan stage")
-    mine = range(rank, len(plan["chunks"]), world_size)
-    todo = [j for j in pending_chunks(run, plan) if j % world_size == rank]
-    reuse = score_step.reuse_index(run) if todo else {}
-    counts = {"chunks": len(mine), "chunks_scored": len(todo), "chunks_skipped": len(mine) - len(todo),
-              "windows": 0, "windows_scored": 0, "scored_ok": 0}
-    for index in todo:
-        score_step.score_one_chunk(run, index, plan["chunks"][index], reuse, lambda n: None)
-        counts["windows_scored"] += plan["chunks"][index]["rows"]
-    for index in mine:
-        status = pq.read_table(run.folder.chunk_parquet(index), columns=[V.STATUS]).column(V.STATUS)
-        counts["windows"] += len(status)
-        counts["scored_ok"] += pc.sum(pc.equal(status, V.OK)).as_py() or 0
-    counts["not_ok"] = counts["windows"] - counts["scored_ok"]
-    return counts
+def windows_stage(config: Any, rank: int = 0, world_size: int = 1, launch: str | None = None) -> dict[str, int]:
+    """Task ``rank`` of the windows stage (:func:`run_task`)."""
+    return run_task(config, "windows", rank, world_size, launch=launch)
 
 
-def pending_chunks(run: Run | Any, plan: dict[str, Any] | None = None) -> list[int]:
-    """The chunks of the plan without a valid marker (``run``: a `Run`, or a config for a task of its own)."""
-    run = run if isinstance(run, Run) else task_run(run)
-    plan = plan or read_json(run.folder.scores / score_step.PLAN_FILE, what="the chunk plan", remedy="run the plan stage")
-    fingerprint = run.fingerprint["fingerprint"]
-    return [j for j, chunk in enumerate(plan["chunks"])
-            if score_step.check_chunk(run.folder.scores, j, chunk["rows"], fingerprint, chunk["digest"]) is not None]
+def plan_stage(config: Any, launch: str | None = None) -> dict[str, int]:
+    """The plan stage (:func:`run_task`)."""
+    return run_task(config, "plan", launch=launch)
 
 
-def fit_stage(config: Any) -> dict[str, Any]:
-    """One task: merge the chunks, fit the selector per category, write the selection and ``summary.json``."""
-    return select_step.select(task_run(config))
+def score_stage(config: Any, rank: int = 0, world_size: int = 1, device: str | None = None, local_rank: int = 0,
+                launch: str | None = None) -> dict[str, int]:
+    """Task ``rank`` of the score stage (:func:`run_task`)."""
+    return run_task(config, "score", rank, world_size, launch=launch, device=device, local_rank=local_rank)
 
 
-def export_stage(config: Any, rank: int = 0, world_size: int = 1) -> dict[str, int]:
-    """Write the export parts of this task's windows shards (``i ≡ rank``) into the building folder."""
-    run = task_run(config, rank, world_size)
-    shards = range(rank, len(run.windows_stats()["shards"]), world_size)
-    export_step.export_shards(run, shards)
-    return {"windows_shards": len(shards)}
+def fit_stage(config: Any, launch: str | None = None) -> dict[str, int]:
+    """The select stage, called *fit* in hf_longattn 0.2 (:func:`run_task`)."""
+    return run_task(config, "select", launch=launch)
 
 
-def finish_stage(config: Any) -> Path:
-    """One task: card and plots, ``hub/`` swapped in, ``summary.json`` rewritten; then the push when configured."""
-    run = task_run(config)
-    folder = export_step.finish_export_folder(run)
-    atomic_write_json(run.folder.summary, select_step.summary(run))
-    if run.config.push_to_hub:
-        export_step.push(run)
-    return folder
+def export_stage(config: Any, rank: int = 0, world_size: int = 1, launch: str | None = None) -> dict[str, int]:
+    """Task ``rank`` of the export stage (:func:`run_task`)."""
+    return run_task(config, "export", rank, world_size, launch=launch)
+
+
+def finish_stage(config: Any, launch: str | None = None) -> dict[str, int]:
+    """The finish stage (:func:`run_task`); the push is a stage of its own now."""
+    return run_task(config, "finish", launch=launch)
+
+
+def pending_chunks(config: Any) -> list[int]:
+    """The chunks of the plan without a valid marker (``config``: a `Run`, or a config for a task of its own)."""
+    from .score_step import pending_chunks as pending
+
+    return pending(config if isinstance(config, Run) else task_run(config))

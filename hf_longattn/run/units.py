@@ -112,7 +112,7 @@ def window_shard(documents: Iterable[dict[str, Any]], tokenizer: Any, path: str 
     """
     import pyarrow.parquet as pq
 
-    from .storage import atomic_write, sha256_file
+    from ..storage import atomic_write, sha256_file
 
     started = time.perf_counter()
     totals: dict[str, dict[str, int]] = {}

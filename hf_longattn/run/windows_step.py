@@ -1,28 +1,24 @@
-"""Step 1, windows: check the run folder and the model, then window every input shard (claimed by any process) and plan.
+"""Step 1, windows: every task claims input shards and windows each one whose shard is missing, stale or damaged.
 
-Every process claims input shards (`hf_longattn.shards`) and windows them into
-``windows/shard-<id>.parquet`` — token ids only, no text — with a record
-``windows/shard-<id>.json`` (its input's identity, counts, sha256). A shard is named after its
-input's identity, so a relaunch reuses every shard whose input did not change (after checking its
-sha256) and rebuilds the others. The main process then writes ``windows/windows_stats.json``:
-the sources' manifest, the shards in order, counts per category and the per-category cap.
+An input shard (`hf_longattn.shards`) gives one windows shard, ``windows/shard-<id>.parquet`` —
+token ids and window hashes, no text — with its record ``windows/shard-<id>.json`` (input
+identity, counts, sha256), written last. A shard is named after its input's identity and the
+windows identity (`hf_longattn.run.graph.shard_name`), so an unchanged input keeps its shard; a
+shard whose file no longer has its recorded sha256 is rebuilt. The record is committed only by the
+shard's current owner (its claim, and the launch's run lock).
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-import numpy as np
-
-from .. import __version__
 from .. import vocabulary as V
 from ..errors import LongAttnError
 from .context import Run
-from .lock import claimed, release_claim
-from .storage import atomic_write_json, json_sha256, read_json, remove_stale_temporaries, sha256_file
-
-STATS_FORMAT = 2
+from .graph import input_plan
+from .lock import claimed
+from .records import ShardRecord
+from ..storage import remove_stale_temporaries, sha256_file
 
 
 def check_push(run: Run) -> None:
@@ -36,145 +32,98 @@ def check_push(run: Run) -> None:
             raise LongAttnError(f"{error} Nothing was done.") from error
 
 
-def prepare(run: Run, *, sources: bool = False) -> None:
-    """Check everything that can fail before any work, and refuse a folder holding another configuration's results.
+def windows_task(run: Run) -> dict[str, int]:
+    """One task of the windows step: claim input shards one after the other and window those not valid.
 
-    The model must exist and take windows of ``window_size`` tokens; with ``sources=True`` (the steps
-    that read them) every source must resolve to its files; ``fingerprint.json`` (written once the
-    windows exist) must match, unless the folder holds nothing computed yet. Nothing is written
-    before these checks pass.
+    Returns:
+        `dict[str, int]`: ``input_shards`` (claimed by this task), ``input_shards_built`` (the others
+        were valid), and the sums over its shards' records of ``documents``, ``documents_too_short``,
+        ``tokens_documents`` and ``windows_cut`` (windows before ``max_windows_per_category``).
     """
-    check_push(run)
-    folder = run.folder
-    folder.check_inside()
-    run.check_model()
-    if sources:
-        from ..shards import plan_input_shards
-
-        plan_input_shards(run.config.sources)  # a missing path or an unreachable Hub source: one line, nothing written
-    ours = run.fingerprint
-    if folder.fingerprint.is_file() and _holds_results(run):
-        stored = read_json(folder.fingerprint, what="the run's fingerprint",
-                           remedy="delete it if the folder holds nothing else of value, or use another output_dir")
-        if stored.get("fingerprint") != ours["fingerprint"]:
-            old, new = stored.get("config", {}), ours["config"]
-            changed = [f"{key}: {old.get(key)!r} → {new.get(key)!r}" for key in dict.fromkeys([*new, *old])
-                       if old.get(key) != new.get(key)]
-            raise LongAttnError(
-                f"{folder.root} holds windows/scores of a different configuration "
-                f"(changed: {'; '.join(changed) or 'unknown'}). Mixing them would corrupt the result: "
-                "use another output_dir (--output-dir), or delete this one to start over."
-            )
-    if run.is_main:
-        folder.root.mkdir(parents=True, exist_ok=True)
-        from .storage import atomic_write_text
-
-        atomic_write_text(folder.config, run.config.to_yaml())
-
-
-def _holds_results(run: Run) -> bool:
-    return run.folder.windows_stats.is_file() or any(run.folder.scores.glob("chunk-*.done"))
-
-
-def windows_identity(run: Run) -> str:
-    """What defines the windows besides their input: the tokenizer (through the checkpoint), W, faithful, version."""
-    config = run.config
-    identity = {"checkpoint": run.scorer.identity(), "tokenizer": config.tokenizer, "window_size": config.window_size,
-                "faithful": config.faithful, "hf_longattn_version": __version__}
-    return json_sha256(identity)
-
-
-def shard_name(input_identity: str, identity: str) -> str:
-    """``shard-<16 hex>``: named after its input and the windows identity, so unchanged inputs keep their shard."""
-    return "shard-" + hashlib.sha256(f"{input_identity}\n{identity}".encode()).hexdigest()[:16]
-
-
-def windows(run: Run) -> Any:
-    """Build (or reuse) the windows on every process, then return them as a `datasets.Dataset` (kept windows, in order)."""
-    prepare(run, sources=True)
-    build_windows(run)
-    return load_windows(run)
-
-
-def build_windows(run: Run) -> None:
-    """Window every input shard that is not done yet (all processes share the work), then plan on the main process.
-
-    A relaunch checks every existing shard against its recorded sha256 (the processes share that
-    too) and rebuilds what changed or is damaged; unchanged shards are reused.
-    """
-    from ..shards import manifest_changes
-
-    plan, names, identity = windows_plan(run)
-    recorded = read_json(run.folder.windows_stats, what="windows statistics", remedy=f"delete {run.folder.windows} "
-                         "and relaunch") if run.folder.windows_stats.is_file() else None
-    same_plan = recorded is not None and recorded.get("identity") == identity \
-        and [s["name"] for s in recorded.get("shards", [])] == names
-    if recorded is not None and not same_plan:
-        changes = manifest_changes(recorded.get("manifest", []), plan) or ["the tokenizer, W or faithful"]
-        run.print(f"[windows] the sources changed since the windows were built ({'; '.join(changes[:5])}"
-                  f"{'; …' if len(changes) > 5 else ''}): windowing what changed; scores of unchanged windows are reused")
+    plan, names, identity = input_plan(run)
     run.folder.windows.mkdir(parents=True, exist_ok=True)
-    rank, world = run.executor.rank, run.executor.world_size
-    damaged = [i for i in range(rank, len(plan), world) if not shard_is_valid(run, names[i], plan[i], identity)]
-    for index in damaged:  # gone before anyone decides what to build
-        (run.folder.windows / f"{names[index]}.json").unlink(missing_ok=True)
-    if run.is_main:
-        remove_stale_temporaries(run.folder.windows)  # before any process writes a new one
-    run.executor.barrier()
-    todo = [i for i, name in enumerate(names) if not (run.folder.windows / f"{name}.json").is_file()]
-    if same_plan and not todo:
-        run.print(f"[windows] reusing the windows in {run.folder.windows} (every shard checked against its sha256)")
-        return
-    run.timed("windows", lambda: _window_claimed_shards(run, plan, names, identity, todo))
-    run.executor.barrier()
-    run.executor.run_on_main(lambda: write_stats(run, plan, names, identity))
+    remove_stale_temporaries(run.folder.windows)
+    counts = {"input_shards": 0, "input_shards_built": 0}
+
+    def done(index: int) -> bool:  # built or checked by this launch already: not claimed again
+        record = ShardRecord.read_if_valid(run.folder.shard_record(names[index]))
+        return record is not None and record.verified == run.launch and record.input_identity == plan[index].identity
+
+    units = claimed(range(len(plan)), lambda i: run.folder.shard_claim(names[i]), run.launch, run.executor.rank,
+                    run.executor.world_size, done)
+    if run.config.num_proc and run.config.num_proc > 1:
+        records = _window_in_workers(run, plan, names, identity, units, counts)
+    else:
+        records = (_window_unit(run, plan[index], names[index], identity, claim, counts) for index, claim in units)
+    for record in records:
+        for category in record.categories.values():
+            for key, value in category.items():
+                key = "windows_cut" if key == "windows" else key
+                counts[key] = counts.get(key, 0) + value
+    return counts
 
 
-def windows_plan(run: Run) -> tuple[list, list[str], str]:
-    """The input shards, the names of their windows shards, and the windows identity."""
-    from ..shards import plan_input_shards
+def _window_unit(run: Run, shard: Any, name: str, identity: str, claim: Any, counts: dict[str, int]) -> ShardRecord:
+    """The valid record of one claimed input shard: kept if its shard is intact, else built now; the claim released."""
+    counts["input_shards"] += 1
+    try:
+        record = valid_shard(run, name, shard, identity)
+        if record is None:
+            record = window_one_shard(run, shard, name, identity)
+            counts["input_shards_built"] += 1
+        record.verified = run.launch
+        record.write(run.folder.shard_record(name), before_commit=lambda: (claim.check(), run.fence()))
+        return record
+    finally:
+        claim.release()
 
-    plan = plan_input_shards(run.config.sources)
-    identity = windows_identity(run)
-    return plan, [shard_name(shard.identity, identity) for shard in plan], identity
 
-
-def _window_claimed_shards(run: Run, plan: list, names: list[str], identity: str, todo: list[int]) -> None:
-    """Claim input shards one after the other and window them: here, or in ``num_proc`` worker processes at once."""
-    folder, executor = run.folder.windows, run.executor
-
-    def done(index: int) -> bool:
-        return (folder / f"{names[index]}.json").is_file()
-
-    shards = claimed(todo, lambda i: folder / f"{names[i]}.claim", run.launch, executor.rank, executor.world_size, done)
-    if not run.config.num_proc or run.config.num_proc == 1:
-        for index in shards:
-            window_one_shard(run, plan[index], names[index], identity)
-            release_claim(folder / f"{names[index]}.claim")
-        return
+def _window_in_workers(run: Run, plan: list, names: list[str], identity: str, units: Any,
+                       counts: dict[str, int]) -> list[ShardRecord]:
+    """Window the claimed shards in ``num_proc`` spawned worker processes; this process commits their records."""
     import concurrent.futures
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # a forked worker deadlocks in torch's thread pool
+    records: list[ShardRecord] = []
     with concurrent.futures.ProcessPoolExecutor(run.config.num_proc, mp_context=context) as pool:
-        running: dict[Any, int] = {}
-        for index in shards:  # at most num_proc claimed shards in flight
-            running[pool.submit(_window_in_worker, run.config.to_dict(), plan[index], names[index], identity)] = index
+        running: dict[Any, tuple[int, Any]] = {}
+
+        def collect(future: Any) -> None:
+            index, claim = running.pop(future)
+            try:
+                record = future.result()  # a worker's error stops the step, clearly, on this process
+                record.verified = run.launch
+                record.write(run.folder.shard_record(names[index]), before_commit=lambda: (claim.check(), run.fence()))
+                counts["input_shards_built"] += 1
+                records.append(record)
+            finally:
+                claim.release()
+
+        for index, claim in units:  # at most num_proc claimed shards in flight
+            counts["input_shards"] += 1
+            record = valid_shard(run, names[index], plan[index], identity)
+            if record is not None:
+                record.verified = run.launch
+                record.write(run.folder.shard_record(names[index]), before_commit=lambda: (claim.check(), run.fence()))
+                records.append(record)
+                claim.release()
+                continue
+            running[pool.submit(_window_in_worker, run.config.to_dict(), plan[index], names[index], identity)] = (index, claim)
             while len(running) >= run.config.num_proc:
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in finished:
-                    future.result()  # a worker's error stops the step, clearly, on this process
-                    release_claim(folder / f"{names[running.pop(future)]}.claim")
+                    collect(future)
         for future in concurrent.futures.as_completed(list(running)):
-            future.result()
-            release_claim(folder / f"{names[running.pop(future)]}.claim")
+            collect(future)
+    return records
 
 
 _WORKER_RUN: dict[str, Any] = {}
 """In a ``num_proc`` worker process: its `Run` and the configuration it was built from (one tokenizer load per worker)."""
 
 
-def _window_in_worker(config: dict[str, Any], shard: Any, name: str, identity: str) -> dict[str, Any]:
+def _window_in_worker(config: dict[str, Any], shard: Any, name: str, identity: str) -> ShardRecord:
     from ..config import RunConfig
     from .executor import TaskExecutor
 
@@ -183,198 +132,98 @@ def _window_in_worker(config: dict[str, Any], shard: Any, name: str, identity: s
     return window_one_shard(_WORKER_RUN["run"], shard, name, identity)
 
 
-def window_one_shard(run: Run, shard: Any, name: str, identity: str) -> dict[str, Any]:
-    """Window one input shard into ``windows/<name>.parquet`` and its record ``<name>.json`` (written last)."""
+def window_one_shard(run: Run, shard: Any, name: str, identity: str) -> ShardRecord:
+    """Window one input shard into ``windows/<name>.parquet``; its record, for the caller to commit."""
     from ..shards import read_shard
     from .units import window_shard
 
-    folder = run.folder.windows
-    folder.mkdir(parents=True, exist_ok=True)
     print(f"[windows] rank {run.executor.rank}: windowing {shard.name}", flush=True)
-    record = window_shard(read_shard(run.config.sources, shard), run.scorer.tokenizer, folder / f"{name}.parquet",
+    result = window_shard(read_shard(run.config.sources, shard), run.scorer.tokenizer, run.folder.shard_parquet(name),
                           window_size=run.config.window_size, faithful=run.config.faithful,
                           row_group_rows=run.config.chunk_size)
-    record = {"input": shard.name, "input_identity": shard.identity, "identity": identity, **record}
-    atomic_write_json(folder / f"{name}.json", record)
+    return ShardRecord(input=shard.name, input_identity=shard.identity, identity=identity, **result)
+
+
+def valid_shard(run: Run, name: str, shard: Any, identity: str) -> ShardRecord | None:
+    """The record of a shard that can be reused: it matches its input and the windows identity, and its file its sha256."""
+    record = ShardRecord.read_if_valid(run.folder.shard_record(name))
+    parquet = run.folder.shard_parquet(name)
+    if record is None or record.input_identity != shard.identity or record.identity != identity or not parquet.is_file():
+        return None
+    if sha256_file(parquet) != record.sha256:
+        print(f"[windows] {parquet} does not match its recorded sha256 (corrupt or edited): rebuilding it", flush=True)
+        return None
     return record
 
 
-def shard_is_valid(run: Run, name: str, shard: Any, identity: str) -> bool:
-    """A shard is reused when its record matches its input and the windows identity, and its file its sha256."""
-    folder = run.folder.windows
-    record_path, parquet = folder / f"{name}.json", folder / f"{name}.parquet"
-    if not record_path.is_file() or not parquet.is_file():
-        return False
-    try:
-        record = read_json(record_path)
-    except LongAttnError:
-        return False
-    if record.get("input_identity") != shard.identity or record.get("identity") != identity:
-        return False
-    if sha256_file(parquet) != record.get("sha256"):
-        print(f"[windows] {parquet} does not match its recorded sha256 (corrupt or edited): rebuilding it", flush=True)
-        return False
-    return True
-
-
-def write_stats(run: Run, plan: list, names: list[str], identity: str) -> None:
-    """Main process: gather the shard records, check ids and categories, cap, and write ``windows_stats.json``."""
-    from ..shards import manifest
-
-    folder = run.folder.windows
-    missing = [shard.name for shard, name in zip(plan, names) if not (folder / f"{name}.json").is_file()]
-    if missing:
-        raise LongAttnError(f"{len(missing)} input shard(s) have no windows yet, e.g. {missing[:3]}: run the windows "
-                            "stage (again) to finish them")
-    records = [read_json(folder / f"{name}.json", what="a windows shard record",
-                         remedy=f"delete {folder / name}.* and relaunch") for name in names]
-    ids, categories, keys = _window_keys(run, names)
-    _check_unique(ids)
-    from ..publication import split_names
-
-    try:
-        split_names(sorted(set(categories)))
-    except ValueError as error:
-        raise LongAttnError(f"{error} (categories come from the sources; nothing was scored yet)") from error
-    cap, kept = _cap(run, categories, keys, ids)
-    stats = _category_stats(run, records, categories, kept)
-    total = int(kept.sum())
-    if total == 0:
-        longest = max((c.get("tokens_documents", 0) for r in records for c in r["categories"].values()), default=0)
-        raise LongAttnError(
-            f"No window: all {sum(s['documents'] for s in stats.values())} document(s) are shorter than window_size="
-            f"{run.config.window_size} tokens (all their tokens together: {longest}). Lower window_size or add longer documents.")
-    shards, offset = [], 0
-    for name, record in zip(names, records):
-        rows = record["rows"]
-        shards.append({"name": name, "input": record["input"], "rows": rows, "kept": int(kept[offset:offset + rows].sum()),
-                       "sha256": record["sha256"]})
-        offset += rows
-    totals = {key: sum(s[key] for s in stats.values()) for key in next(iter(stats.values()))}
-    digest = json_sha256([shards, cap])
-    atomic_write_json(run.folder.windows_stats, {
-        "format": STATS_FORMAT, "identity": identity, "window_size": run.config.window_size,
-        "faithful": run.config.faithful, "digest": digest, "manifest": manifest(plan), "shards": shards, "cap": cap,
-        "categories": stats, "total": totals})
-    _remove_unlisted_shards(run, names)
-    atomic_write_json(run.folder.fingerprint, run.fingerprint)  # the folder now holds results of this configuration
-    _print_stats(run, stats, totals)
-
-
-def _window_keys(run: Run, names: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Ids, categories and cap keys (64 bits of BLAKE2b of the id) of every window, in plan order."""
-    import pyarrow.parquet as pq
-
-    ids: list[str] = []
-    categories: list[str] = []
-    for name in names:
-        table = pq.read_table(run.folder.windows / f"{name}.parquet", columns=[V.ID, V.CATEGORY])
-        ids += table.column(V.ID).to_pylist()
-        categories += table.column(V.CATEGORY).to_pylist()
-    keys = np.fromiter((window_key(i) for i in ids), dtype=np.uint64, count=len(ids))
-    return ids, np.array(categories, dtype=object), keys
+# -- reading the windows: any step, any engine --------------------------------------------------------------
 
 
 def window_key(window_id: str) -> int:
     """Sampling key of a window for ``max_windows_per_category``: 64 bits of BLAKE2b of its id."""
+    import hashlib
+
     return int.from_bytes(hashlib.blake2b(window_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def _check_unique(ids: list[str]) -> None:
-    if len(set(ids)) == len(ids):
-        return
-    seen: set[str] = set()
-    duplicate = next(i for i in ids if i in seen or seen.add(i))
-    raise LongAttnError(f"Duplicate window id {duplicate!r}: two documents share the id {duplicate.rsplit('/w', 1)[0]!r} "
-                        "(ids must be unique across sources: set id_column, or do not list a source twice)")
+def cap_mask(ids: list[str], categories: list[str], cap: dict[str, list]) -> Any:
+    """Which windows the cap scores: those of an uncapped category, else ``(key, id) ≤`` the category's last one."""
+    import numpy as np
 
-
-def _cap(run: Run, categories: np.ndarray, keys: np.ndarray, ids: list[str]) -> tuple[dict, np.ndarray]:
-    """The per-category cap ``{category: [key, id]}`` (the last window kept) and the kept mask, in plan order."""
-    limit = run.config.max_windows_per_category
-    kept = np.ones(len(ids), dtype=bool)
-    cap: dict[str, list] = {}
-    if limit is None:
-        return cap, kept
-    for category in sorted(set(categories.tolist())):
-        rows = np.flatnonzero(categories == category)
-        if len(rows) <= limit:
-            continue
-        order = sorted(rows.tolist(), key=lambda r: (int(keys[r]), ids[r]))
-        last = order[limit - 1]
-        cap[category] = [int(keys[last]), ids[last]]
-        kept[np.array(order[limit:], dtype=np.int64)] = False
-    return cap, kept
-
-
-def kept_mask(ids: list[str], categories: list[str], cap: dict[str, list]) -> np.ndarray:
-    """Which windows the cap keeps: those of an uncapped category, else ``(key, id) ≤`` the category's last kept."""
     if not cap:
         return np.ones(len(ids), dtype=bool)
     return np.array([category not in cap or (window_key(i), i) <= (cap[category][0], cap[category][1])
                      for i, category in zip(ids, categories)], dtype=bool)
 
 
-def keep_within_cap(table: Any, cap: dict[str, list]) -> Any:
-    """The rows of a `pyarrow.Table` of windows that the cap keeps (:func:`kept_mask`); ``table`` itself when no cap."""
+def within_cap(table: Any, cap: dict[str, list]) -> Any:
+    """The rows of a `pyarrow.Table` of windows inside the cap (:func:`cap_mask`); ``table`` itself when no cap."""
     if not cap:
         return table
     import pyarrow as pa
 
-    return table.filter(pa.array(kept_mask(table.column(V.ID).to_pylist(), table.column(V.CATEGORY).to_pylist(), cap)))
+    return table.filter(pa.array(cap_mask(table.column(V.ID).to_pylist(), table.column(V.CATEGORY).to_pylist(), cap)))
 
 
-def _category_stats(run: Run, records: list[dict], categories: np.ndarray, kept: np.ndarray) -> dict[str, dict[str, int]]:
-    stats: dict[str, dict[str, int]] = {}
-    for record in records:
-        for category, counts in record["categories"].items():
-            entry = stats.setdefault(category, {"documents": 0, "documents_too_short": 0, "tokens_documents": 0})
-            for key in entry:
-                entry[key] += counts[key]
-    for category, entry in stats.items():
-        rows = categories == category
-        entry["windows"] = int((rows & kept).sum())
-        entry["windows_left_out"] = int((rows & ~kept).sum())
-        entry["tokens_in"] = entry["windows"] * run.config.window_size
-    return dict(sorted(stats.items()))
+kept_mask, keep_within_cap = cap_mask, within_cap
+"""The names these had before hf_longattn 0.3 ("kept" now means selected only)."""
 
 
-def _remove_unlisted_shards(run: Run, names: list[str]) -> None:
-    listed = set(names)
-    for path in run.folder.windows.glob("shard-*"):
-        if path.name.split(".")[0] not in listed:
-            path.unlink(missing_ok=True)
+def read_shard_windows(run: Run, stats: Any, index: int, columns: list[str] | None = None, *,
+                       verify: bool = False) -> Any:
+    """The windows of shard ``index`` inside the cap; with ``verify``, each window's token ids checked against its hash."""
+    import pyarrow.parquet as pq
+
+    from .units import check_window_hashes
+
+    name = stats.shards[index]["name"]
+    path = run.folder.shard_parquet(name)
+    wanted = None if columns is None else list(dict.fromkeys([V.ID, V.CATEGORY, *columns]))  # the cap reads both
+    try:
+        table = within_cap(pq.read_table(path, columns=wanted), stats.cap)
+    except OSError as error:
+        raise LongAttnError(f"{path} is unreadable ({error}): run `hf-longattn windows` to rebuild it") from error
+    if table.num_rows != stats.shard_windows(index):
+        raise LongAttnError(f"{path} holds {table.num_rows} windows where windows_stats.json counts "
+                            f"{stats.shard_windows(index)}: run `hf-longattn windows` to rebuild it")
+    if verify:
+        check_window_hashes(table, str(path))
+    return table if columns is None else table.select(columns)
 
 
-def _print_stats(run: Run, stats: dict[str, dict[str, int]], totals: dict[str, int]) -> None:
-    from ..counts import format_table
+def load_capped_windows(run: Run, columns: list[str] | None = None) -> Any:
+    """Some columns (default: all) of every window inside the cap, in plan order, as one `pyarrow.Table`."""
+    import pyarrow as pa
 
-    run.print(format_table(
-        ["category", "documents", "too short", "windows", "left out (cap)", "tokens (documents)", "tokens (windows)"],
-        [[c, s["documents"], s["documents_too_short"], s["windows"], s["windows_left_out"], s["tokens_documents"],
-          s["tokens_in"]] for c, s in [*stats.items(), ("total", totals)]],
-        title=f"[windows] W = {run.config.window_size} tokens → {run.folder.windows} (tokens (documents) counts the "
-              "documents long enough to tokenise; windows of a document overlap, so they can hold more tokens)",
-    ))
+    stats = run.windows_stats()
+    return pa.concat_tables([read_shard_windows(run, stats, i, columns) for i in range(len(stats.shards))])
+
+
+load_kept_windows = load_capped_windows
 
 
 def load_windows(run: Run) -> Any:
-    """The kept windows of a run, in plan order, as a `datasets.Dataset` (read into memory: for small runs and tests)."""
+    """The windows of a run inside the cap, in plan order, as a `datasets.Dataset` (in memory: for small runs and tests)."""
     from datasets import Dataset
 
-    return Dataset(load_kept_windows(run))
-
-
-def load_kept_windows(run: Run, columns: list[str] | None = None) -> Any:
-    """Some columns (default: all) of every kept window, in plan order, as one `pyarrow.Table`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    stats = run.windows_stats()
-    wanted = None if columns is None else list(dict.fromkeys([V.ID, V.CATEGORY, *columns]))  # the cap reads both
-    tables = []
-    for shard in stats["shards"]:
-        table = keep_within_cap(pq.read_table(run.folder.windows / f"{shard['name']}.parquet", columns=wanted),
-                                stats["cap"])
-        tables.append(table if columns is None else table.select(columns))
-    return pa.concat_tables(tables)
+    return Dataset(load_capped_windows(run))
