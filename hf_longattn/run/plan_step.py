@@ -12,7 +12,6 @@ match are removed.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
