@@ -36,7 +36,7 @@ import socket
 import sys
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,9 @@ class Fault:
     times: int = 1
     after_work: bool = False  # fail after doing the work (a commit that lands but whose answer is lost)
     match: str = ""  # only requests whose path contains this (an LFS object's sha256, say)
+    hold: threading.Event | None = None  # a drop waits for this (set ``reached`` first): the client can be killed then
+    skip: int = 0  # let this many matching requests through first
+    reached: threading.Event = field(default_factory=threading.Event)
 
 
 class LocalHub:
@@ -104,6 +107,7 @@ class LocalHub:
         self.crashes: list[str] = []  # exceptions of the server itself
         self.received: Counter = Counter()  # route → request body bytes received
         self.tickets: dict[str, tuple[str, str, int]] = {}  # LFS upload URL ticket → (repo, sha256, size)
+        self.active = 0  # requests being served
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
 
@@ -129,9 +133,11 @@ class LocalHub:
     # -- for tests -----------------------------------------------------------------------------------------
 
     def fail(self, route: str, status: int | None = None, *, retry_after: int | None = None,
-             drop_after_bytes: int | None = None, times: int = 1, after_work: bool = False, match: str = "") -> Fault:
+             drop_after_bytes: int | None = None, times: int = 1, after_work: bool = False, match: str = "",
+             hold: bool = False, skip: int = 0) -> Fault:
         """Make the next ``times`` requests of ``route`` (whose path contains ``match``) fail (see `Fault`)."""
-        fault = Fault(route, status, retry_after, drop_after_bytes, times, after_work, match)
+        fault = Fault(route, status, retry_after, drop_after_bytes, times, after_work, match,
+                      threading.Event() if hold else None, skip)
         with self.lock:
             self.faults.append(fault)
         return fault
@@ -140,6 +146,9 @@ class LocalHub:
         with self.lock:
             for fault in self.faults:
                 if fault.route == route and fault.times > 0 and fault.match in path:
+                    if fault.skip > 0:
+                        fault.skip -= 1
+                        return None
                     fault.times -= 1
                     return fault
         return None
@@ -179,6 +188,15 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         self.route("PUT")
 
     def route(self, method: str) -> None:
+        with self.hub.lock:
+            self.hub.active += 1
+        try:
+            self.dispatch(method)
+        finally:
+            with self.hub.lock:
+                self.hub.active -= 1
+
+    def dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         self.fault = None
         self.query = parse_qs(url.query)
@@ -206,6 +224,8 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
             getattr(self, "route_" + name.replace("-", "_"))(method)
         except HubError as error:
             self.error(error.status, error.message, error.code)
+        except (BrokenPipeError, ConnectionResetError):  # the client went away (killed mid-request)
+            self.close_connection = True
         except Exception as error:  # noqa: BLE001 - a bug of the server: answered 500 and recorded
             logger.exception("local Hub error on %s %s", method, self.path)
             with self.hub.lock:
@@ -297,6 +317,9 @@ class Handler(Endpoints, BaseHTTPRequestHandler):
         """Read ``after_bytes`` of the body, then close the connection without an answer."""
         for _ in self.body_chunks(limit=after_bytes) if after_bytes else ():
             pass
+        if self.fault is not None and self.fault.hold is not None:
+            self.fault.reached.set()
+            self.fault.hold.wait(timeout=120)
         with self.hub.lock:
             self.hub.calls.append((self.command, self.name, 0))
         logger.info("%s %s -> connection dropped", self.command, urlsplit(self.path).path)

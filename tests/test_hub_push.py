@@ -184,6 +184,36 @@ def test_a_failed_push_on_the_command_line_is_one_line_and_rerunning_finishes(ow
     assert repo_files(local_hub, REPO) == exported_files(Path(config.output_dir) / "hub")
 
 
+def test_a_push_killed_halfway_resumes_without_sending_again_what_arrived(own_run, local_hub, hub_env):
+    import time
+
+    config, path = own_run
+    held = local_hub.fail("lfs-upload", drop_after_bytes=1500, hold=True, skip=3)  # the 4th upload stops halfway
+    push = subprocess.Popen([sys.executable, "-m", "hf_longattn.cli", "run", "--config", str(path), "--push-to-hub",
+                             REPO, "--no-progress"], cwd=ROOT, env=hub_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    assert held.reached.wait(timeout=300), "the push never reached its uploads"
+    deadline = time.monotonic() + 30
+    while len(stored(local_hub, REPO)) < 3 and time.monotonic() < deadline:  # the first three have arrived
+        time.sleep(0.05)
+    push.kill()  # SIGKILL: no clean-up of any kind
+    push.wait(timeout=60)
+    held.hold.set()
+    deadline = time.monotonic() + 30
+    while local_hub.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    arrived = stored(local_hub, REPO)
+    assert len(arrived) >= 3 and len(local_hub.repo(REPO).history()) == 1  # some files arrived, nothing committed
+
+    local_hub.received.clear()
+    result = cli(hub_env, "run", "--config", str(path), "--push-to-hub", REPO)  # the same command again
+    assert result.returncode == 0, result.stderr[-3000:]
+    hub = Path(config.output_dir) / "hub"
+    missing = {oid: size for oid, size in lfs_objects(hub).items() if oid not in arrived}
+    assert missing and local_hub.received["lfs-upload"] == sum(missing.values())
+    assert repo_files(local_hub, REPO) == exported_files(hub) and len(local_hub.repo(REPO).history()) == 2
+
+
 # -- access --------------------------------------------------------------------------------------------------
 
 
