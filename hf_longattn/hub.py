@@ -249,7 +249,7 @@ def describe_error(error: BaseException) -> str:
         text = f"the Hub answered {response.status_code} {response.reason_phrase}{where}"
         said = response.headers.get("X-Error-Message") or http.server_message
         if said:
-            text += f" ({' '.join(str(said).split())[:200]})"
+            text += f" ({' '.join(str(said).split())[:200].rstrip('.')})"
         if response.headers.get("Retry-After"):
             text += f"; retry after {response.headers['Retry-After']} s"
         return text
@@ -257,8 +257,8 @@ def describe_error(error: BaseException) -> str:
     network = [e for e in chain if type(e).__module__.split(".")[0] in ("httpx2", "httpx")]
     root = network[0] if network else chain[-1]  # the HTTP client's own error names the failure best
     context = [str(e) for e in chain[:chain.index(root)] if str(e) and str(e) != str(root)]
-    text = f"{type(root).__name__}: {' '.join(str(root).split())[:200] or 'no details'}"
-    return f"{text} ({' '.join(context[0].split())[:200]})" if context else text
+    text = f"{type(root).__name__}: {' '.join(str(root).split())[:200].rstrip('.') or 'no details'}"
+    return f"{' '.join(context[0].split())[:200].rstrip('.')}: {text}" if context else text
 
 
 def remedy(error: BaseException) -> str:
