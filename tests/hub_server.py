@@ -370,14 +370,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True, help="folder of the repos (kept across restarts)")
     parser.add_argument("--max-files-per-commit", type=int, default=None, help="refuse larger commits (413)")
     parser.add_argument("--fail", action="append", default=[], metavar="ROUTE=STATUS|drop",
-                        help="make the next request of ROUTE fail, e.g. commit=500, commit=429, lfs-upload=drop")
+                        help="make the next request of ROUTE fail: commit=500, commit=429 (Retry-After: 30), "
+                             "lfs-upload=drop (the connection cut in every try of the next upload)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="local hub: %(message)s", stream=sys.stderr)
     hub = LocalHub(args.root, max_files_per_commit=args.max_files_per_commit)
     for spec in args.fail:
         route, _, what = spec.partition("=")
-        if what == "drop":
-            hub.fail(route, drop_after_bytes=1024)
+        if what == "drop":  # every try of one request: huggingface_hub retries 5 times
+            hub.fail(route, drop_after_bytes=1024, times=6)
         else:
             hub.fail(route, int(what), retry_after=30 if what == "429" else None)
     hub.start(args.host, args.port)
