@@ -267,6 +267,13 @@ def _run_step(command: str, config: Any, *, progress: bool) -> int:
     started = time.perf_counter()
     if command in ("run", "push"):
         pipeline.check_push()  # before any work
+        if config.push_to_hub and pipeline.is_main:  # the process that will push needs a token
+            from .publication import check_token
+
+            try:
+                check_token(config.push_to_hub)
+            except LongAttnError as error:
+                raise LongAttnError(f"{error} Nothing was done.") from error
     summary = None
     if command == "run":
         summary = pipeline.run()

@@ -402,13 +402,15 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
 
 
-def check_can_push(repo_id: str, token: str | None = None) -> None:
-    """Raise before any work if pushing ``repo_id`` cannot succeed, as far as this machine can tell (no network).
+def check_can_push(repo_id: str) -> None:
+    """Raise before any work if pushing ``repo_id`` cannot succeed offline-detectably (offline mode, bad id).
+
+    Every process of a launch may call it (it needs nothing but the environment); the token is
+    checked by :func:`check_token`, where the push happens.
 
     Raises:
         `RuntimeError`: when ``HF_HUB_OFFLINE`` is set (in the environment or in ``huggingface_hub.constants``).
         `ValueError`: when ``repo_id`` is not a valid Hub repository id.
-        `LongAttnError`: when no Hugging Face token is found (``HF_TOKEN``, ``hf auth login``).
 
     Example:
 
@@ -416,15 +418,28 @@ def check_can_push(repo_id: str, token: str | None = None) -> None:
     """
     if _offline():
         raise RuntimeError(f"HF_HUB_OFFLINE=1 is set: cannot push to {repo_id}; unset it or export the folder only.")
-    from huggingface_hub import get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from .errors import LongAttnError
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"Invalid Hub repo id {repo_id!r}: {err}") from err
+
+
+def check_token(repo_id: str, token: str | None = None) -> None:
+    """Raise `LongAttnError` when no Hugging Face token is found (``token``, ``HF_TOKEN``, ``hf auth login``).
+
+    Checked where the push happens: by `push_to_hub`, and by ``hf-longattn run``/``push`` on the
+    main process before any work.
+
+    Example:
+
+    >>> check_token("me/longabc-32k")  # doctest: +SKIP
+    """
+    from huggingface_hub import get_token
+
+    from .errors import LongAttnError
+
     if not (token or get_token()):
         raise LongAttnError(f"cannot push to the Hub dataset {repo_id}: no Hugging Face token found. Run "
                             "`hf auth login` (or set HF_TOKEN to a token with write access), then run the push again.")
@@ -469,7 +484,8 @@ def push_to_hub(
     """
     from .hub import DEFAULT_MAX_FILES_PER_COMMIT, push_folder
 
-    check_can_push(repo_id, token)
+    check_can_push(repo_id)
+    check_token(repo_id, token)
     folder = Path(folder)
     if not (folder / "README.md").is_file():
         raise FileNotFoundError(f"{folder} has no README.md: export it first with hf_longattn.publication.export_dataset.")

@@ -16,6 +16,7 @@ from hf_longattn import plots as plots_module
 from hf_longattn.errors import LongAttnError
 from hf_longattn.publication import (
     check_can_push,
+    check_token,
     export_dataset,
     push_to_hub,
     sanitize_split_name,
@@ -381,15 +382,17 @@ def test_offline_refuses_before_any_request(exported, hub_client, monkeypatch, v
     assert hub_client.calls == []
 
 
-def test_check_can_push_validates_repo_id_and_needs_a_token(hub_client, monkeypatch):
+def test_check_can_push_validates_repo_id_and_check_token_needs_a_token(hub_client, monkeypatch):
     check_can_push("me/longabc-test")
     with pytest.raises(ValueError, match="Invalid Hub repo id"):
         check_can_push("me/../evil repo")
+    check_token("me/longabc-test")  # HF_TOKEN
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setenv("HF_HOME", str(hub_client.store.root / "empty-home"))  # no stored token either
+    check_can_push("me/longabc-test")  # any process may check this; only the one that pushes needs a token
     with pytest.raises(LongAttnError, match=r"no Hugging Face token found. Run `hf auth login` \(or set HF_TOKEN"):
-        check_can_push("me/longabc-test")
-    check_can_push("me/longabc-test", token=FAKE_TOKEN)  # an explicit token will do
+        check_token("me/longabc-test")
+    check_token("me/longabc-test", token=FAKE_TOKEN)  # an explicit token will do
 
 
 def test_push_requires_an_export(tmp_path, hub_client):
