@@ -301,3 +301,31 @@ def test_a_large_export_goes_in_commits_that_each_leave_the_repo_loadable(own_ru
     assert all("No (supported) data files found" in report[oid]["error"] for oid in history[1:before_card + 1])
     uploaded = {**lfs_objects(export), **lfs_objects(second)}
     assert hub_client.received["lfs-upload"] == sum(uploaded.values())  # nothing sent twice despite the refusals
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 50])
+@pytest.mark.parametrize("has_card", [True, False])
+def test_the_commit_plan_keeps_the_old_export_until_the_card_then_the_new_one(limit, has_card):
+    from hf_longattn.hub import CARD, LocalFile, PushPlan
+
+    def local(path: str) -> LocalFile:
+        return LocalFile(path, Path(path), 1, path)
+
+    parts = [local(f"data/scored/s-{i}-new.parquet") for i in range(4)]
+    others = [local(CARD), local("plots/a.png"), local("plots/b.png")]
+    stale = [f"data/scored/s-{i}-old.parquet" for i in range(3)]
+    plan = PushPlan(parts=parts, others=others, stale=stale if has_card else [], has_card=has_card)
+    commits = []
+    while batch := plan.commits(limit):
+        commits.append(batch[0])
+        plan.done(*batch[0])
+    assert all(len(adds) + len(deletes) <= limit for adds, deletes in commits)
+    added = [a if isinstance(a, str) else a.path for adds, _ in commits for a in adds]
+    card = next(i for i, (adds, _) in enumerate(commits) if any(getattr(a, "path", None) == CARD for a in adds))
+    assert all(a.path.startswith("data/") is False or i <= card for i, (adds, _) in enumerate(commits) for a in adds
+               if not isinstance(a, str))  # every new part arrives by the card's commit
+    assert all(not deletes or i >= card for i, (_, deletes) in enumerate(commits))  # old parts go with or after it
+    assert sorted(set(added) - {CARD}) == sorted(f.path for f in parts + others if f.path != CARD)
+    assert [p for _, deletes in commits for p in deletes] == (stale if has_card else [])
+    placeholder = [a for adds, _ in commits for a in adds if isinstance(a, str)]
+    assert placeholder == ([CARD] if not has_card and len(commits) > 1 else [])  # a first push in several commits
