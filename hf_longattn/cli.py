@@ -173,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         no_progress_bars()
     logging.basicConfig(level=logging.INFO if _is_main_process() else logging.WARNING, format="%(message)s")
     logging.getLogger("hf_longattn").setLevel(logging.INFO if _is_main_process() else logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request, with signed upload URLs: not for users
     try:
         config = config_from_args(args)
         if args.command == "config":

@@ -410,6 +410,9 @@ def _offline() -> bool:
 def check_can_push(repo_id: str) -> None:
     """Raise before any work if pushing ``repo_id`` cannot succeed offline-detectably (offline mode, bad id).
 
+    Every process of a launch may call it (it needs nothing but the environment); the token is
+    checked by :func:`check_token`, where the push happens.
+
     Raises:
         `RuntimeError`: when ``HF_HUB_OFFLINE`` is set (in the environment or in ``huggingface_hub.constants``).
         `ValueError`: when ``repo_id`` is not a valid Hub repository id.
@@ -428,6 +431,25 @@ def check_can_push(repo_id: str) -> None:
         raise ValueError(f"Invalid Hub repo id {repo_id!r}: {err}") from err
 
 
+def check_token(repo_id: str, token: str | None = None) -> None:
+    """Raise `LongAttnError` when no Hugging Face token is found (``token``, ``HF_TOKEN``, ``hf auth login``).
+
+    Checked where the push happens: by `push_to_hub`, and by ``hf-longattn run``/``push`` on the
+    main process before any work.
+
+    Example:
+
+    >>> check_token("me/longabc-32k")  # doctest: +SKIP
+    """
+    from huggingface_hub import get_token
+
+    from .errors import LongAttnError
+
+    if not (token or get_token()):
+        raise LongAttnError(f"cannot push to the Hub dataset {repo_id}: no Hugging Face token found. Run "
+                            "`hf auth login` (or set HF_TOKEN to a token with write access), then run the push again.")
+
+
 def push_to_hub(
     folder: str | Path,
     repo_id: str,
@@ -435,50 +457,42 @@ def push_to_hub(
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload LongABC dataset with hf_longattn",
+    max_files_per_commit: int | None = None,
 ) -> str:
-    """Create (if needed) a dataset repository and upload an exported folder to it.
+    """Create (if needed) a dataset repository and make it hold an exported folder, resumably.
 
-    The token is never printed or logged; `None` lets `huggingface_hub` resolve it (``HF_TOKEN``,
-    ``hf auth login``).
+    Files already on the Hub are not sent again; files of an earlier export (``data/scored``,
+    ``data/filtered``, ``plots``) that this one does not have are deleted; every commit leaves the
+    repo loadable (see `hf_longattn.hub`). The token is never printed or logged; `None` lets
+    `huggingface_hub` resolve it (``HF_TOKEN``, ``hf auth login``).
 
     Args:
         folder (`str` or `Path`): a folder written by `export_dataset` (must contain ``README.md``).
         repo_id (`str`): target dataset repository, ``"user/name"``.
-        private (`bool`, defaults to `False`): create the repository as private (ignored if it exists).
+        private (`bool`, defaults to `False`): create the repository as private (an existing one keeps its visibility).
         token (`str`, *optional*): Hub token; defaults to huggingface_hub's usual resolution.
-        commit_message (`str`, defaults to `"Upload LongABC dataset with hf_longattn"`): the commit message.
+        commit_message (`str`, defaults to `"Upload LongABC dataset with hf_longattn"`): the commit message
+            (`" (part i/n)"` is added when the push takes several commits).
+        max_files_per_commit (`int`, *optional*, defaults to `hf_longattn.hub.DEFAULT_MAX_FILES_PER_COMMIT`):
+            operations per commit; halved automatically when the Hub refuses a commit as too large.
 
     Returns:
         `str`: the URL of the dataset repository.
+
+    Raises:
+        `LongAttnError`: one line naming what failed (the Hub's answer or the network error) and what to do.
 
     Example:
 
     >>> push_to_hub("longabc-export", "me/longabc-32k", private=True)  # doctest: +SKIP
     'https://huggingface.co/datasets/me/longabc-32k'
     """
+    from .hub import DEFAULT_MAX_FILES_PER_COMMIT, push_folder
+
     check_can_push(repo_id)
+    check_token(repo_id, token)
     folder = Path(folder)
     if not (folder / "README.md").is_file():
         raise FileNotFoundError(f"{folder} has no README.md: export it first with hf_longattn.publication.export_dataset.")
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    try:
-        repo_url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        full_repo_id = getattr(repo_url, "repo_id", None) or repo_id  # namespace resolved by the Hub
-        logger.info("Uploading %s to dataset repo %s (private=%s).", folder, full_repo_id, private)
-        # Resumable: with hf_xet (a huggingface_hub dependency) a large folder goes in several commits, and
-        # running the same call again skips what is already there. Files of an earlier export are removed.
-        api.upload_folder(folder_path=str(folder), repo_id=full_repo_id, repo_type="dataset",
-                          commit_message=commit_message, delete_patterns=["data/**", "plots/**"])
-    except Exception as error:  # noqa: BLE001 - network, auth and Hub errors: one clear line, the export is intact
-        from .errors import LongAttnError
-
-        raise LongAttnError(
-            f"could not push {folder} to the Hub dataset {repo_id}: {type(error).__name__}: "
-            f"{' '.join(str(error).split())[:300]}. The export is complete; check the network and your token "
-            "(`hf auth login`, HF_TOKEN), then run the push again: it resumes."
-        ) from error
-    url = str(repo_url)
-    logger.info("Uploaded to %s", url)
-    return url
+    return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                       skip=(EXPORT_RECORD,), max_files_per_commit=max_files_per_commit or DEFAULT_MAX_FILES_PER_COMMIT)

@@ -133,3 +133,46 @@ def spawn_start_method():
     multiprocess.set_start_method("spawn", force=True)
     yield
     multiprocess.set_start_method(previous, force=True)
+
+
+# -- the local Hub (tests/hub_server.py) ----------------------------------------------------------------------
+
+HUB_TOKEN = "hf_LOCALhubUSERtokenDoNotLeak0123456789ab"
+OTHER_TOKEN = "hf_LOCALhubOTHERtokenDoNotLeak0123456789a"
+
+
+@pytest.fixture
+def local_hub(tmp_path):
+    """A local Hub on 127.0.0.1 (tokens: `HUB_TOKEN` is user ``user``, `OTHER_TOKEN` is ``other``).
+
+    Fails the test if a client called an endpoint the server does not serve, or the server crashed.
+    """
+    from .hub_server import LocalHub
+
+    hub = LocalHub(tmp_path / "local-hub", users={HUB_TOKEN: "user", OTHER_TOKEN: "other"}).start()
+    yield hub
+    hub.stop()
+    assert hub.unknown == [], f"clients called endpoints the local Hub does not serve: {hub.unknown}"
+    assert hub.crashes == [], f"the local Hub failed: {hub.crashes}"
+
+
+@pytest.fixture
+def hub_env(local_hub, tmp_path) -> dict:
+    """The environment of a user's shell pointed at the local Hub (token set, empty HF_HOME): for subprocesses."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_")) and k != "TRANSFORMERS_OFFLINE"}
+    env.update(HF_ENDPOINT=local_hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=HUB_TOKEN, HF_HOME=str(tmp_path / "hf-home"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]))
+    return env
+
+
+@pytest.fixture
+def hub_client(local_hub, monkeypatch):
+    """huggingface_hub in this process pointed at the local Hub (HfApi's endpoint, LFS uploads, the user's token)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", local_hub.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    return local_hub

@@ -1,8 +1,7 @@
-"""Tests of hf_longattn.publication and hf_longattn.plots: export, dataset card, plots and a mocked push (offline)."""
+"""Tests of hf_longattn.publication and hf_longattn.plots: export, dataset card, plots; the push's checks (offline)."""
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -11,12 +10,13 @@ import huggingface_hub
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from huggingface_hub import DatasetCard, HfApi
-from huggingface_hub.hf_api import RepoUrl
+from huggingface_hub import DatasetCard
 
 from hf_longattn import plots as plots_module
+from hf_longattn.errors import LongAttnError
 from hf_longattn.publication import (
     check_can_push,
+    check_token,
     export_dataset,
     push_to_hub,
     sanitize_split_name,
@@ -366,86 +366,45 @@ def test_plots_missing_column_lists_columns(tmp_path):
         plots_module.plot_kept_vs_dropped({"x": split}, tmp_path / "k.png")
 
 
-# ---------------------------------------------------------------------------- push
-
-
-@pytest.fixture
-def online(monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    calls: dict[str, dict] = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"] = {"repo_id": repo_id, "token": self.token, **kwargs}
-        return RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
-
-    def upload_folder(self, **kwargs):
-        calls["upload_folder"] = {"token": self.token, **kwargs}
-        return None
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
-
-
-def test_push_calls_hub_api(exported, online, fake_hub, capsys, caplog):
-    caplog.set_level(logging.DEBUG)
-    url = push_to_hub(exported, "me/longabc-test", private=True, token=FAKE_TOKEN, commit_message="first upload")
-    assert url == "https://huggingface.co/datasets/me/longabc-test"
-    create = fake_hub["create_repo"]
-    assert create["repo_id"] == "me/longabc-test" and create["repo_type"] == "dataset"
-    assert create["private"] is True and create["exist_ok"] is True
-    assert create["token"] == FAKE_TOKEN  # handed to HfApi, nowhere else
-    upload = fake_hub["upload_folder"]
-    assert upload["repo_id"] == "me/longabc-test" and upload["repo_type"] == "dataset"
-    assert upload["commit_message"] == "first upload"
-    assert Path(upload["folder_path"]) == exported
-    captured = capsys.readouterr()
-    assert FAKE_TOKEN not in captured.out and FAKE_TOKEN not in captured.err
-    assert FAKE_TOKEN not in caplog.text
-    for path in exported.parent.parent.parent.rglob("*"):
-        if path.is_file():
-            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
-
-
-def test_push_defaults(exported, online, fake_hub):
-    push_to_hub(exported, "me/longabc-test")
-    assert fake_hub["create_repo"]["private"] is False
-    assert fake_hub["create_repo"]["token"] is None  # left to huggingface_hub's own resolution
-    assert fake_hub["upload_folder"]["commit_message"] == "Upload LongABC dataset with hf_longattn"
+# ---------------------------------------------------------------------------- push (tests/test_hub_push.py: the push itself)
 
 
 @pytest.mark.parametrize("via", ["constants", "env"])
-def test_offline_refuses_before_api(exported, monkeypatch, via):
+def test_offline_refuses_before_any_request(exported, hub_client, monkeypatch, via):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", via == "constants")
     if via == "env":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    else:
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the Hub API must not be called offline")
-
-    monkeypatch.setattr(HfApi, "create_repo", fail)
-    monkeypatch.setattr(HfApi, "upload_folder", fail)
     message = "HF_HUB_OFFLINE=1 is set: cannot push to me/longabc-test; unset it or export the folder only"
     with pytest.raises(RuntimeError, match=message):
         check_can_push("me/longabc-test")
     with pytest.raises(RuntimeError, match=message):
         push_to_hub(exported, "me/longabc-test", token=FAKE_TOKEN)
+    assert hub_client.calls == []
 
 
-def test_check_can_push_validates_repo_id(online):
+def test_check_can_push_validates_repo_id_and_check_token_needs_a_token(hub_client, monkeypatch):
     check_can_push("me/longabc-test")
     with pytest.raises(ValueError, match="Invalid Hub repo id"):
         check_can_push("me/../evil repo")
+    check_token("me/longabc-test")  # HF_TOKEN
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HF_HOME", str(hub_client.store.root / "empty-home"))  # no stored token either
+    check_can_push("me/longabc-test")  # any process may check this; only the one that pushes needs a token
+    with pytest.raises(LongAttnError, match=r"no Hugging Face token found. Run `hf auth login` \(or set HF_TOKEN"):
+        check_token("me/longabc-test")
+    check_token("me/longabc-test", token=FAKE_TOKEN)  # an explicit token will do
 
 
-def test_push_requires_an_export(tmp_path, online, fake_hub):
+def test_push_requires_an_export(tmp_path, hub_client):
     with pytest.raises(FileNotFoundError, match="export_dataset"):
-        push_to_hub(tmp_path, "me/longabc-test")
-    assert fake_hub == {}
+        push_to_hub(tmp_path, "user/longabc-test")
+    assert hub_client.calls == []
+
+
+def test_push_uploads_every_file_of_the_export(exported, hub_client):
+    """The export of this module (odd split names, an empty split, a probe plot), byte for byte on the local Hub."""
+    push_to_hub(exported, "user/longabc-test", commit_message="first upload")
+    repo = hub_client.repo("user/longabc-test")
+    files = {p.relative_to(exported).as_posix(): p.read_bytes() for p in exported.rglob("*") if p.is_file()}
+    assert repo.files() == {**files, ".gitattributes": repo.read(".gitattributes")}
+    assert repo.history()[0][1]["summary"] == "first upload"

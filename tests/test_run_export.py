@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
-from pathlib import Path
 
 import datasets
-import huggingface_hub
 import pyarrow.parquet as pq
 import pytest
 
@@ -24,55 +23,42 @@ def own_run(finished_run, tmp_path):
     return config.replace(output_dir=str(out)), out
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    """The Hub API boundary, recorded: what each upload would have sent (files and their rows)."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    uploads = []
+def filtered_rows(hub, repo_id: str) -> int:
+    """Rows of the ``filtered`` config the repo holds now."""
+    import io
 
-    def create_repo(self, repo_id, **kwargs):
-        return huggingface_hub.hf_api.RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
-
-    def upload_folder(self, *, folder_path, **kwargs):
-        files = {p.relative_to(folder_path).as_posix(): pq.read_metadata(p).num_rows
-                 for p in Path(folder_path).rglob("*.parquet")}
-        uploads.append({"files": files, **kwargs})
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    return uploads
+    files = hub.repo(repo_id).files()
+    return sum(pq.read_metadata(io.BytesIO(data)).num_rows for name, data in files.items()
+               if name.startswith("data/filtered/"))
 
 
-def filtered_rows(upload: dict) -> int:
-    return sum(rows for name, rows in upload["files"].items() if name.startswith("data/filtered/"))
-
-
-def test_push_after_a_reselection_pushes_the_new_selection(own_run, fake_hub, capsys):
+def test_push_after_a_reselection_pushes_the_new_selection(own_run, hub_client, capsys):
     config, out = own_run
-    half = config.replace(keep_fraction=0.5, push_to_hub="me/tiny")
+    half = config.replace(keep_fraction=0.5, push_to_hub="user/tiny")
     summary = LongAttnPipeline(half, progress=False).select()  # re-selected, not exported
     kept = sum(row["kept"] for row in summary["categories"].values())
     assert kept == sum(math.floor(0.5 * row["scored_ok"]) for row in summary["categories"].values())
-    assert LongAttnPipeline(half, progress=False).push() == "https://huggingface.co/datasets/me/tiny"
+    assert LongAttnPipeline(half, progress=False).push() == f"{hub_client.url}/datasets/user/tiny"
     assert "[push] to do: export, finish, push\n  export: " in capsys.readouterr().out
-    assert filtered_rows(fake_hub[-1]) == kept
-    assert fake_hub[-1]["delete_patterns"] == ["data/**", "plots/**"]  # an earlier export's files go
+    assert filtered_rows(hub_client, "user/tiny") == kept
+    tag = json.loads((out / "hub" / "hf_longattn_export.json").read_text())["tag"]
+    assert all(name.endswith(f"-{tag}.parquet") for name in hub_client.repo("user/tiny").files() if name.startswith("data/"))
+    commits = len(hub_client.repo("user/tiny").history())
     LongAttnPipeline(half, progress=False).push()  # pushed already: nothing to upload
-    assert "[push] everything is current" in capsys.readouterr().out and len(fake_hub) == 1
+    assert "[push] everything is current" in capsys.readouterr().out and filtered_rows(hub_client, "user/tiny") == kept
+    assert len(hub_client.repo("user/tiny").history()) == commits  # nothing changed: no commit
 
 
-def test_push_without_network_says_so_in_one_line(own_run, monkeypatch, capsys):
+def test_push_without_network_says_so_in_one_line(own_run, hub_client, monkeypatch, capsys):
+    import socket
+
+    import huggingface_hub
+
     config, out = own_run
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-
-    def unreachable(self, *args, **kwargs):
-        import httpx2  # what huggingface_hub speaks HTTP with
-
-        raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     path = out.parent / "c.yaml"
     path.write_text(config.replace(push_to_hub="me/tiny").to_yaml())
     assert main(["push", "--config", str(path), "--no-progress"]) == 2

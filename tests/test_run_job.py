@@ -101,24 +101,20 @@ def test_offline_push_refuses_before_any_work(monkeypatch, tiny_model, corpus, t
     assert not out.exists()
 
 
-def test_push_step_uploads_the_export_folder(finished_run, monkeypatch, tmp_path):
+def test_push_step_uploads_the_export_folder(finished_run, hub_client, tmp_path):
     import shutil
 
-    import huggingface_hub
-
-    from hf_longattn import publication
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    calls = []
-    monkeypatch.setattr(publication, "push_to_hub", lambda *args, **kwargs: calls.append((args, kwargs)) or "url")
     config, _ = finished_run
     shutil.copytree(config.output_dir, tmp_path / "out")  # the push exports again (the card names the repo)
     config = config.replace(output_dir=str(tmp_path / "out"))
     assert LongAttnPipeline(config, progress=False).push() is None  # no repo: nothing to do
-    pushing = config.replace(push_to_hub="me/longabc-tiny", private=True, commit_message="tiny run")
-    assert LongAttnPipeline(pushing, progress=False).push() == "url"
-    assert calls == [((Path(config.output_dir) / "hub", "me/longabc-tiny"), {"private": True, "commit_message": "tiny run"})]
+    pushing = config.replace(push_to_hub="user/longabc-tiny", private=True, commit_message="tiny run")
+    assert LongAttnPipeline(pushing, progress=False).push() == f"{hub_client.url}/datasets/user/longabc-tiny"
+    repo = hub_client.repo("user/longabc-tiny")
+    hub = Path(config.output_dir) / "hub"
+    assert set(repo.files()) == {".gitattributes"} | {p.relative_to(hub).as_posix() for p in hub.rglob("*")
+                                                       if p.is_file() and p.name != "hf_longattn_export.json"}
+    assert repo.meta["private"] is True and repo.history()[0][1]["summary"] == "tiny run"
 
 
 def test_max_windows_per_category_is_a_deterministic_sample(tiny_model, corpus, tmp_path):

@@ -337,3 +337,29 @@ def test_fuzzed_category_names_and_ids_stay_inside(one_scored_window, tmp_path_f
     assert tree(root) - {"export"} == {str(p.relative_to(root)) for p in folder.rglob("*")}
     assert_inside(folder)
     assert len(os.listdir(folder / "data" / "scored")) == len(names)
+
+
+def test_hub_token_never_reaches_push_output_logs_or_the_hub(hub_client, tmp_path, monkeypatch, caplog, capfd,
+                                                             verbose_libraries):
+    """A push, a refused one and a failed one, with every library at debug level and the local Hub logging each request."""
+    from hf_longattn.errors import LongAttnError
+    from hf_longattn.publication import push_to_hub
+
+    from .conftest import HUB_TOKEN
+    from .test_publication import make_scored
+
+    caplog.set_level(logging.DEBUG)
+    folder = export_dataset(make_scored(), tmp_path / "export", {"hf_token": HUB_TOKEN}, repo_id="user/x", plots=False)
+    push_to_hub(folder, "user/x")
+    hub_client.store.create("other/y", "other")
+    hub_client.fail("commit", 500)
+    for repo in ("other/y", "user/z"):
+        with pytest.raises(LongAttnError) as failed:
+            push_to_hub(folder, repo)
+        assert HUB_TOKEN not in str(failed.value)
+    assert any(record.name == "local_hub" for record in caplog.records)  # the server's own log, captured too
+    assert HUB_TOKEN not in caplog.text and all(HUB_TOKEN not in record.getMessage() for record in caplog.records)
+    captured = capfd.readouterr()
+    assert HUB_TOKEN not in captured.out and HUB_TOKEN not in captured.err
+    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and HUB_TOKEN.encode() in p.read_bytes()]
+    assert leaks == []  # the export, the repos on the Hub, its LFS store

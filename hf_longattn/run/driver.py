@@ -114,6 +114,13 @@ def check(run: Run, target: str) -> None:
 
     if target in ("run", "push"):
         check_push(run)
+        if run.config.push_to_hub and run.is_main:  # the process that pushes needs a token
+            from ..publication import check_token
+
+            try:
+                check_token(run.config.push_to_hub)
+            except LongAttnError as error:
+                raise LongAttnError(f"{error} Nothing was done.") from error
     run.folder.check_inside()
     run.check_model()
     if target in ("windows", "score", "run", "probe"):
