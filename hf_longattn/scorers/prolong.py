@@ -34,6 +34,7 @@ are batched, and only the segments that occur in a pair are run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import random
@@ -259,23 +260,32 @@ def _forward(model, input_ids: torch.Tensor, past: list[tuple[torch.Tensor, torc
     from transformers import DynamicCache
 
     cache = DynamicCache(past, config=model.config) if past is not None else DynamicCache(config=model.config)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=input_ids, use_cache=True, **{name: cache})
+    out = model(input_ids=input_ids, use_cache=True, **{_cache_argument(type(model)): cache})
     return out.logits, cache
 
 
-def _perplexity(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _perplexity(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 1 << 26) -> np.ndarray:
     """``exp(mean loss)`` per row, ``(B,)`` float64, from float64 log-softmax of the logits.
 
     float64, not float32: the entropy's logits are raw PPL differences (PPL ~ hundreds), so a loss
     error ε moves DE by ~PPL·ε; with float32 log-softmax a tiny model's DE was off by up to 9e-5,
     with float64 only the model's own float32 forward error remains (as in a float32 run.py).
+    Rows are upcast a few at a time (``chunk_bytes`` of float64 logits), never the whole batch.
     """
+    rows, length, vocab = logits.shape
+    step = max(1, chunk_bytes // (length * vocab * 8))
     losses = []
-    for row_logits, row_targets in zip(logits, targets):  # one row at a time: (T, V) float64, never (B, T, V)
-        loss = torch.nn.functional.cross_entropy(row_logits.double(), row_targets, reduction="none")  # (T,)
-        losses.append(loss.mean())
-    return torch.stack(losses).exp().cpu().numpy()
+    for start in range(0, rows, step):
+        chunk = logits[start : start + step].double()  # (b, T, V) float64
+        loss = torch.nn.functional.cross_entropy(chunk.flatten(0, 1), targets[start : start + step].flatten(), reduction="none")
+        losses.append(loss.view(-1, length).mean(1))  # (b·T,) → (b, T) → (b,)
+    return torch.cat(losses).exp().cpu().numpy()
 
 
 def prolong_scores(model, windows: Sequence[Sequence[int]], settings: ProLongSettings | None = None,

@@ -119,11 +119,21 @@ def reference_prolong(model, segments: Sequence[list[int]], pairs: Sequence[tupl
     >>> out["lds"]  # doctest: +SKIP
     0.0123...
     """
-    single_ppl = reference_single_ppl(model, segments)
-    pair_ppl = reference_pair_ppl(model, segments, pairs)
-    out = reference_lds(single_ppl, pair_ppl, threshold=threshold, max_segments=max_segments)
-    rows = sorted({i for i, _ in pairs})
-    out.update(single_ppl=single_ppl, pair_ppl=pair_ppl,
+    return reference_scores(reference_single_ppl(model, segments), reference_pair_ppl(model, segments, pairs), pairs,
+                            threshold=threshold, max_segments=max_segments)
+
+
+def reference_scores(single_ppl: list[float], pair_ppl: list[list[float]], pairs: Sequence[tuple[int, int]], *,
+                     threshold: float = 0.1, max_segments: int = 256) -> dict:
+    """`reference_prolong`'s dict from perplexities; ``pair_ppl`` may hold more pairs than ``pairs``: the
+    others are set to inf, as run.py leaves an unscored pair (a pair's PPL does not depend on the others)."""
+    size = len(single_ppl)
+    scored = [[float("inf")] * size for _ in range(size)]
+    for i, j in pairs:
+        scored[i][j] = pair_ppl[i][j]
+    out = reference_lds(single_ppl, scored, threshold=threshold, max_segments=max_segments)
+    rows = sorted({int(i) for i, _ in pairs})
+    out.update(single_ppl=list(single_ppl), pair_ppl=scored,
                delta_ppl=float(np.mean(out["kept"])) if out["kept"] else None,
                mean_dependency_entropy=float(np.mean([out["dependency_entropy"][i] for i in rows])))
     return out
