@@ -199,7 +199,8 @@ def main():
         torch.set_num_threads(args.threads)
     data = next((p for p in (Path(args.data), REPO.parents[1] / "shared" / "data") if p.is_dir()), Path(args.data))
     run = load_official(args.official)
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+    threads = torch.get_num_threads()
+    machine = (f"{platform.machine()}, {threads} thread{'s' * (threads != 1)}, {os.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, load average {os.getloadavg()[0]:.1f} at the start")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"## {stamp} — {machine}\n\n{HEADER}", flush=True)

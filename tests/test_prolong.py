@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import doctest
 import pickle
 import random
 import shutil
@@ -275,6 +276,13 @@ def test_non_finite_oom_and_errors_stay_on_their_row(tiny_model_dir, monkeypatch
         scorer.load().lm_head.weight[3, 0] = float("nan")
     out = scorer(windows)
     assert out[S.STATUS] == [V.NON_FINITE] * 3 and out[S.LDS] == [None] * 3
+
+
+def test_docstring_examples():
+    from hf_longattn.scorers import prolong, prolong_reference
+
+    for module in (prolong, prolong_reference, S):
+        assert doctest.testmod(module).failed == 0
 
 
 def test_load_causal_lm_refuses_pickles(tiny_model_dir, tmp_path):

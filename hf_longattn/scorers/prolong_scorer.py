@@ -88,11 +88,11 @@ class ProLongScorer:
 
     Example:
         >>> from datasets import Dataset
-        >>> scorer = ProLongScorer("path/to/SmolLM2-135M-Instruct.Q4_1.gguf", window_size=8192)
-        >>> ds = Dataset.from_dict({"text": [open("long.txt").read()]})
-        >>> ds = ds.map(scorer, batched=True, batch_size=4, features=scorer.features(ds.features))
-        >>> ds[0]["prolong_status"], ds[0]["prolong_lds"]  # doctest: +SKIP
-        ('ok', 3.14...)
+        >>> scorer = ProLongScorer("path/to/SmolLM2-135M-Instruct.Q4_1.gguf", window_size=8192)  # doctest: +SKIP
+        >>> ds = Dataset.from_dict({"text": [open("long.txt").read()]})  # doctest: +SKIP
+        >>> ds = ds.map(scorer, batched=True, batch_size=4, features=scorer.features(ds.features))  # doctest: +SKIP
+        >>> ds[0]["prolong_status"], ds[0]["prolong_num_pairs"]  # a text of ≥ 33 segments: 500 pairs drawn  # doctest: +SKIP
+        ('ok', 500)
     """
 
     def __init__(self, model: str, *, tokenizer: str | None = None, revision: str | None = None,
