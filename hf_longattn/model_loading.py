@@ -420,3 +420,39 @@ def _checkpoint_bytes(source: ModelSource, weight_map: dict[str, str]) -> int:
         files = [Path(source.location) / file for file in set(weight_map.values())]
         return sum(path.stat().st_size for path in files if path.is_file())
     return 0
+
+
+# --- whole causal LMs (scorers that need logits, e.g. ProLong) ----------------------------------------
+def causal_lm_fingerprint(source: ModelSource) -> str:
+    """Like `checkpoint_fingerprint`, but a local folder's every weight file counts (the whole model is read)."""
+    if source.kind != "local":
+        return checkpoint_fingerprint(source)
+    folder = Path(source.location)
+    names = {name for name in ("config.json", "tokenizer.json", "tokenizer_config.json", SINGLE_FILE, *PICKLE_FILES)
+             if (folder / name).is_file()}
+    for index in (INDEX_FILE, PICKLE_FILES[1]):
+        if (folder / index).is_file():
+            names |= {index, *json.loads((folder / index).read_text())["weight_map"].values()}
+    parts = [f"{name}={_sha256_file(folder / name)}" for name in sorted(names)]
+    return "local-lm:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def load_causal_lm(source: ModelSource, *, dtype: torch.dtype, device: torch.device | str = "cpu",
+                   trust_remote_code: bool = False, allow_pickle: bool = False) -> nn.Module:
+    """The whole causal LM with its LM head (``AutoModelForCausalLM``), in eval mode on ``device``.
+
+    Same safety rules as `load_attention_model`: safetensors or GGUF only (a pickle-only checkpoint
+    is refused unless ``allow_pickle``), no remote code unless ``trust_remote_code``.
+
+    Example:
+
+    >>> model = load_causal_lm(resolve_source("smollm2.gguf"), dtype=torch.float32)  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(source.from_pretrained_kwargs)
+    if source.kind != "gguf":
+        weight_map, _ = _weight_files(source, allow_pickle)  # raises on a pickle-only checkpoint
+        kwargs["use_safetensors"] = weight_map != {}
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    return model.to(device).eval()
