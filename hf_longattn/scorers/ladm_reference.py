@@ -154,3 +154,36 @@ def run_official_block(source: str, query_states: torch.Tensor, key_states: torc
     finally:
         torch.set_default_dtype(default_dtype)
     return namespace["cds"]
+
+
+CAPTURE_NAME = "ladm_reference_capture"
+
+
+@torch.no_grad()
+def capture_query_key(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{layer: (query, key, scaling)}`` of every decoder layer of a full forward of ``model``.
+
+    Independent of `hf_longattn.attention_hook`: the states are recorded by an attention function of
+    its own, which then runs transformers' SDPA attention in the states' own dtype (its eager attention
+    would take the softmax in float32, even for a float64 model), so every layer sees its usual input.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def record(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        scaling = module.scaling if scaling is None else scaling
+        captured[module.layer_idx] = (query.clone(), key.clone(), float(scaling))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+    AttentionInterface.register(CAPTURE_NAME, record)
+    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE_NAME)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        model.set_attn_implementation(previous)
+    return captured
