@@ -130,13 +130,14 @@ def span_sums(query: torch.Tensor, key: torch.Tensor, scaling: float, *, span: i
     compute = torch.promote_types(query.dtype, torch.float32)  # float32 scores, float64 if given float64
     row_sums = _row_kernel(fused, query.device, compute)
     groups = heads // kv_heads
-    queries = (query.to(compute) * scaling).view(batch, kv_heads, groups, length, dim)  # (B, H_kv, G, L, d)
+    queries = query.view(batch, kv_heads, groups, length, dim)  # (B, H_kv, G, L, d); head h = kv·G + g
     keys = key.to(compute)  # (B, H_kv, L, d)
     pfs = []
     for start in starts:
         per_window = []
         for b in range(batch):  # one window at a time: its sums never depend on its batch
-            rows = queries[b, :, :, start : start + span].reshape(kv_heads, groups * span, dim)  # (H_kv, G·span, d)
+            # Only the span's queries are scaled (a copy of q would be the largest tensor): (H_kv, G·span, d).
+            rows = (queries[b, :, :, start : start + span].to(compute) * scaling).reshape(kv_heads, groups * span, dim)
             masses = _span_masses(rows, keys[b, :, :start], span, span * d_afs, block_bytes, row_sums)
             per_window.append(masses / heads)  # Σ over the span's queries, mean over the H heads
         pfs.append(torch.stack(per_window))  # (B, J_t)
