@@ -161,6 +161,10 @@ class LadmCdsScorer:
         shown = {k: v for k, v in self.config.items() if v is not None and k != "checkpoint"}
         return f"LadmCdsScorer({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
+    def identity(self) -> str:
+        """What identifies the weights this scorer reads (`hf_longattn.model_loading.checkpoint_fingerprint`)."""
+        return self.config["checkpoint"]
+
     # --- output schema -------------------------------------------------------------------------------
     def output_features(self):
         """`datasets.Features` of the columns this scorer writes (`ladm_features`)."""
