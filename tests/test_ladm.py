@@ -1,7 +1,8 @@
 """LADM CDS (ladm_cds_v1): the blockwise core vs a float64 port of the official block, O(L) memory, the datasets scorer.
 
 Tolerances: float32 scores vs the float64 port on the same query/key states, ≤ 1e-6 relative;
-float64 states, ≤ 1e-12. End to end (a float32 model vs a float64 one) ≤ 1e-5 relative.
+float64 states, ≤ 1e-12. End to end (our float32 model vs an independent float64 one) ≤ 1e-6 relative
+(measured ≤ 1.5e-7 on the tiny models, 1.3e-8 on SmolLM2).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hf_longattn.scorers.ladm_reference import (
     run_official_block,
 )
 
-F32, F64, END_TO_END = 1e-6, 1e-12, 1e-5
+F32, F64, END_TO_END = 1e-6, 1e-12, 1e-6
 SMALL = dict(span=16, d_cds=2, d_afs=1)  # min 97 tokens: fast settings for tiny models
 SETTINGS = [dict(span=128, d_cds=4, d_afs=4), dict(span=16, d_cds=2, d_afs=1), dict(span=16, d_cds=1, d_afs=3),
             dict(span=8, d_cds=3, d_afs=2)]
