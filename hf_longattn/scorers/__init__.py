@@ -1,1 +1,1 @@
-"""Scorers other than LongAttn's own: ProLong (``prolong_v1``), each a plain function core plus a ``datasets.map`` class."""
+"""Scorers beside LongAttn, each a plugin: its math, its reference port and its `datasets.map` callable, registered in `hf_longattn.registry.SCORERS`."""
