@@ -17,11 +17,13 @@ from hf_longattn.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-OTHER_TOOLS = {  # flags of the commands the README and messages show beside ours (accelerate, torchrun, pip, ray)
+OTHER_TOOLS = {  # flags of the commands the README and messages show beside ours (accelerate, torchrun, pip, ray, git, the official LADM and ProLong scripts)
     "--num_processes", "--multi_gpu", "--cpu", "--standalone", "--nproc_per_node", "--no-deps", "--index-url",
     "--num-gpus-per-actor", "--concurrency", "--address", "--working-dir", "--tasks", "--workers", "--executor",
     "--partition", "--time", "--gpus-per-task", "--cpus-per-task", "--mem-per-cpu-gb", "--env-command",
     "--write-selected", "--logging-dir", "--device", "--hypothesis-show-statistics", "--num-gpus", "--head",
+    "--ablation", "--chunk_size", "--sample_size", "--dlt_ppl_threshold", "--window_size",  # LADM's, ProLong's run.py
+    "--git-dir",
 }
 
 
