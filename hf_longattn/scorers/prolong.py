@@ -22,14 +22,21 @@ Fixed here, documented beside the official behaviour (`prolong_reference` ports 
   windows before it; here each window's draws use ``random.Random(window_seed(ids, seed))``,
   seeded by the window's content hash (`hf_longattn.windows.window_hash`).
 * run.py:82-88 computes the losses, their mean and its ``exp`` in the model's dtype (float16 in
-  the script); here the log-softmax, the mean and the ``exp`` are float64, whatever the model's dtype.
+  the script); here the losses, their mean and the ``exp`` are float64 whatever the model's dtype
+  (the max-shifted exponentials of the log-sum-exp in float32 for a float32 or 16-bit model, summed
+  in float64; the max and the target logit exact: ~1e-7 from a float64 log-softmax per token).
 * run.py:170-171 turns a NaN LDS into 0; here a non-finite perplexity or LDS is reported
   (`ProLongScorer`: status ``non_finite``), never written as a score.
 
 Fast: the forward of segment j alone gives PPL_j *and* the keys/values of the prefix of every pair
 (i, j) (same tokens, same positions 0..C−1), so a pair costs one forward of segment i's first C−1
 tokens through the KV cache (positions C..2C−2), against a 2C-token forward in run.py; the pairs
-are batched, and only the segments that occur in a pair are run.
+are batched (in even batches), and only the segments that occur in a pair are run. The output head
+runs only on the positions whose loss is needed (C−1 of a segment's C), a block of tokens at a time
+into one reused buffer, fused with the log-sum-exp: the ``(B, T, V)`` logits (800 MB at 4096 tokens
+and a 49K vocabulary) are never materialised. The model work per window is N·C + P·(C−1) tokens
+against run.py's N·C + P·2C, so an exact method on the same forward gains at most that ratio (< 2
+unless P > N·C/2) plus run.py's own overheads (its float32 log-softmax over every position).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import functools
 import hashlib
 import inspect
 import random
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -237,31 +245,74 @@ def segment_perplexities(model, plan: WindowPlan, max_batch_tokens: int = 4096) 
     single, pair = np.full(count, np.nan), np.full(len(pairs), np.nan)
     needed = np.unique(pairs)  # only segments in a pair are run
     by_prefix = np.lexsort((pairs[:, 0], pairs[:, 1]))  # pair indices sorted by (j, i)
-    for start in range(0, len(needed), per_forward):
-        block = needed[start : start + per_forward]
-        logits, cache = _forward(model, segments[block])  # (b, C, V)
-        single[block] = _perplexity(logits[:, :-1], segments[block, 1:])
+    for block in _even_batches(needed, per_forward):
+        single[block], cache = _perplexity_forward(model, segments[block], segments[block, 1:])  # logits 0..C−2
         prefixes = [(layer.keys, layer.values) for layer in cache.layers]  # per layer (b, kv_heads, C, d)
         slot = {int(s): k for k, s in enumerate(block)}
         todo = by_prefix[np.isin(pairs[by_prefix, 1], block)]
-        for first in range(0, len(todo), per_forward):
-            batch = todo[first : first + per_forward]
+        for batch in _even_batches(todo, per_forward):
             index = torch.tensor([slot[int(j)] for j in pairs[batch, 1]], device=device)
             past = [(keys.index_select(0, index), values.index_select(0, index)) for keys, values in prefixes]
             rows = segments[torch.as_tensor(pairs[batch, 0], device=device)]  # (p, C)
-            logits, _ = _forward(model, rows[:, :-1], past)  # (p, C−1, V): positions C..2C−2
-            pair[batch] = _perplexity(logits, rows[:, 1:])
+            pair[batch], _ = _perplexity_forward(model, rows[:, :-1], rows[:, 1:], past)  # positions C..2C−2
         del cache, prefixes
     return single, pair
 
 
-def _forward(model, input_ids: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
-    """``(logits, cache)`` of one forward; ``past`` is a prefix's keys/values per layer (batch-aligned)."""
+def _even_batches(items: np.ndarray, most: int) -> list[np.ndarray]:
+    """``items`` in the fewest batches of at most ``most``, of even sizes (33 → 17 + 16, not 32 + 1)."""
+    count = -(-len(items) // most)
+    return np.array_split(items, count) if count else []
+
+
+def _perplexity_forward(model, input_ids: torch.Tensor, targets: torch.Tensor,
+                        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[np.ndarray, object]:
+    """``(ppl (B,), cache)``: one forward, the PPL of ``targets`` ``(B, T')`` predicted at positions 0..T'−1.
+
+    The model's own output head runs on the last position only (a pre-hook on
+    ``get_output_embeddings()``): `_head_perplexity` applies it to the positions whose loss is
+    needed, a block of tokens at a time, fused with the log-softmax, so the ``(B, T, V)`` logits
+    are never materialised. Our last-position logits are checked against the model's, so a head
+    with anything after the projection (logit scaling, soft-capping) falls back to the model's logits.
+    """
     from transformers import DynamicCache
 
-    cache = DynamicCache(past, config=model.config) if past is not None else DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, use_cache=True, **{_cache_argument(type(model)): cache})
-    return out.logits, cache
+    def run(hook):
+        cache = DynamicCache(past, config=model.config) if past is not None else DynamicCache(config=model.config)
+        handle = head.register_forward_pre_hook(hook) if hook is not None else None
+        try:
+            out = model(input_ids=input_ids, use_cache=True, **{_cache_argument(type(model)): cache})
+        finally:
+            if handle is not None:
+                handle.remove()
+        return out.logits, cache
+
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear) and model not in _PLAIN_LOGITS:
+        captured = []
+
+        def last_position(_module, args):
+            hidden = args[0]
+            if hidden.dim() == 3 and hidden.shape[:2] == input_ids.shape:
+                captured.append(hidden)
+                return (hidden[:, -1:],)
+            return None
+
+        logits, cache = run(last_position)
+        if not captured:  # the head saw something else: the model's logits are whole
+            return _perplexity(logits[:, : targets.shape[1]], targets), cache
+        hidden = captured[0]
+        if logits.shape[1] == 1 and torch.allclose(
+                torch.nn.functional.linear(hidden[:, -1], head.weight, head.bias), logits[:, -1], rtol=1e-5, atol=1e-5,
+                equal_nan=True):
+            return _head_perplexity(hidden[:, : targets.shape[1]], head, targets), cache
+        _PLAIN_LOGITS.add(model)  # post-processed logits: the model's head on every position from now on
+    logits, cache = run(None)
+    return _perplexity(logits[:, : targets.shape[1]], targets), cache
+
+
+_PLAIN_LOGITS: weakref.WeakSet = weakref.WeakSet()
+"""Models whose logits are not ``head(hidden)`` (checked at run time): scored from the model's own logits."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,12 +321,52 @@ def _cache_argument(model_class) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _perplexity(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """``exp(mean loss)`` per row, ``(B,)`` float64, from float64 log-softmax of the logits ``(B, T, V)``.
+def _head_perplexity(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor) -> np.ndarray:
+    """``exp(mean loss)`` per row, ``(B,)`` float64, of the output head on ``hidden`` ``(B, T, H)``.
 
-    float64, not float32: the entropy's logits are raw PPL differences (PPL ~ hundreds), so a loss
-    error ε moves DE by ~PPL·ε; with float32 log-softmax a tiny model's DE was off by up to 9e-5,
-    with float64 only the model's own float32 forward error remains (as in a float32 run.py).
+    The head runs on blocks of tokens into one reused buffer (no fresh ``(B, T, V)`` tensor, whose
+    first touch costs as much as a tenth of the projection on the CPU), each block's losses taken
+    right away by `_block_losses`.
+    """
+    rows, length, width = hidden.shape
+    flat, goal = hidden.reshape(-1, width), targets.reshape(-1)
+    vocab = head.weight.shape[0]
+    cpu = hidden.device.type == "cpu"
+    step = max(1, min(len(flat), ((128 << 20) if cpu else (1 << 30)) // (vocab * hidden.element_size())))
+    buffer = torch.empty(step, vocab, dtype=hidden.dtype, device=hidden.device)
+    losses = torch.empty(len(flat), dtype=torch.float64, device=hidden.device)
+    for start in range(0, len(flat), step):
+        logits = buffer[: min(step, len(flat) - start)]
+        torch.mm(flat[start : start + step], head.weight.t(), out=logits)
+        if head.bias is not None:
+            logits.add_(head.bias)
+        losses[start : start + len(logits)] = _block_losses(logits, goal[start : start + len(logits)], cpu)
+    return losses.view(rows, length).mean(1).exp().cpu().numpy()
+
+
+def _block_losses(logits: torch.Tensor, targets: torch.Tensor, cpu: bool) -> torch.Tensor:
+    """Cross-entropy of each row of ``logits`` ``(t, V)``, float64: ``max + log Σ exp(x − max) − x_target``.
+
+    The max and the target logit are exact, the exponentials in float32 (float64 for a float64
+    model) and their sum accumulated in float64: each loss is within ~1e-7 absolute of the float64
+    log-softmax of the same logits, well under the model's own float32 rounding. On the CPU a few
+    rows at a time, so the passes over them stay in cache.
+    """
+    work = torch.promote_types(logits.dtype, torch.float32)
+    rows = max(1, (2 << 20) // (logits.shape[1] * 4)) if cpu else len(logits)
+    losses = torch.empty(len(logits), dtype=torch.float64, device=logits.device)
+    for start in range(0, len(logits), rows):
+        part = logits[start : start + rows].to(work)  # (t, V)
+        top = part.amax(1, keepdim=True)
+        total = (part - top).exp_().sum(1, dtype=torch.float64)
+        target = part.gather(1, targets[start : start + rows, None])
+        losses[start : start + len(part)] = (top.double() - target.double())[:, 0] + total.log()
+    return losses
+
+
+def _perplexity(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """``exp(mean loss)`` per row, ``(B,)`` float64, from float64 log-softmax of the logits ``(B, T, V)`` (the model's own logits).
+
     The upcast runs over a few tokens at a time: on the CPU 2 MB blocks stay in cache (5× faster
     than whole rows for a 49K vocabulary); on a GPU larger blocks mean fewer kernel launches.
     """
