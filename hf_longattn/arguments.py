@@ -11,6 +11,7 @@ from typing import Any
 OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--output-dir", "output_dir", str, "folder of the run (windows, scores, selection, hub/)"),
     ("--model", "model", str, "scoring model: Hub id, model folder, .gguf file or 'smollm2'"),
+    ("--scorer", "scorer", str, "the scorer selection ranks by: longattn_v1 (default), prolong_v1 or ladm_cds_v1"),
     ("--tokenizer", "tokenizer", str, "tokenizer name or path (default: the model's)"),
     ("--window-size", "window_size", int, "W, tokens per window"),
     ("--min-distance", "min_distance", "number", "k as a fraction of W (e.g. 0.25) or in tokens (e.g. 8192)"),
@@ -59,6 +60,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str]
         if key not in skip:
             group.add_argument(flag, dest=key, type=_number if kind == "number" else kind, default=None,
                                metavar=key.upper(), help=text)
+    if "scorers" not in skip:
+        group.add_argument("--scorers", dest="scorers", nargs="+", default=None, metavar="SCORER",
+                           help="every scorer the score step runs on the same windows (default: --scorer alone)")
+    group.add_argument("--select-by", dest="select_by", nargs="+", default=None, metavar="NAME",
+                       help="rank by a scorer or a score column (e.g. prolong_lds); several: their rank average")
     group.add_argument("--faithful", dest="faithful", action="store_true", default=None,
                        help="reference-code window boundaries (no window for a document of exactly W tokens)")
     group.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO_ID", default=None,
@@ -84,6 +90,8 @@ def config_from_args(args: argparse.Namespace):
     for key in RunConfig.keys():  # every flag's dest is the config key it sets
         if key != "sources" and getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
+    if isinstance(overrides.get("select_by"), list) and len(overrides["select_by"]) == 1:
+        overrides["select_by"] = overrides["select_by"][0]
     overrides.update(_parse_set(args.set_values))
     return RunConfig.from_yaml(args.config, overrides)
 

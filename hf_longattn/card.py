@@ -92,6 +92,11 @@ class CardData:
     plots: dict[str, str] = field(default_factory=dict)
     empty_filtered_splits: list[str] = field(default_factory=list)
     probe: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
+    scorers: list[dict[str, Any]] = field(default_factory=list)
+    column_descriptions: dict[str, str] = field(default_factory=dict)
+    citations: list[str] = field(default_factory=list)
+    comparison: str | None = None
     run_metadata: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -112,7 +117,9 @@ class CardData:
     @property
     def config_rows(self) -> list[list[Any]]:
         """The run configuration table: the settings that are known (an unset one is left out, not shown as —)."""
-        rows = [["scoring model", self.model], ["model revision", self.revision], ["model checksum", self.checkpoint],
+        rows = [["scorers", ", ".join(f"`{s['name']}`" for s in self.scorers) or None],
+                ["selection score", f"`{self.selection['score']}` ({self.selection['label']})" if self.selection else None],
+                ["scoring model", self.model], ["model revision", self.revision], ["model checksum", self.checkpoint],
                 ["tokenizer", self.tokenizer], ["layer scored", self.layer], ["window size W (tokens)", self.window_size],
                 ["min distance k (tokens)", self.min_distance], ["alpha (α, weight of DU_T)", self.alpha],
                 ["normalization", self.normalization], ["keep fraction", self.keep_fraction],
@@ -154,7 +161,8 @@ class CardData:
 
     @property
     def column_rows(self) -> list[list[Any]]:
-        return [[f"`{name}`", V.COLUMN_DESCRIPTIONS.get(name, "(a column of the source documents, carried over)")]
+        descriptions = {**V.COLUMN_DESCRIPTIONS, **self.column_descriptions}
+        return [[f"`{name}`", descriptions.get(name, "(a column of the source documents, carried over)")]
                 for name in self.columns]
 
     @property

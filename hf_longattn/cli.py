@@ -32,6 +32,8 @@ examples:
   hf-longattn run --config recipes/configs/longabc32k.yaml --push-to-hub me/longabc-32k
   accelerate launch --num_processes 4 -m hf_longattn.cli score --config my.yaml
   hf-longattn select --config my.yaml --set keep_fraction=0.25   # re-select, reusing the scores
+  hf-longattn compare --scorers longattn_v1 prolong_v1 ladm_cds_v1 --config my.yaml
+  hf-longattn select --config my.yaml --scorers longattn_v1 prolong_v1 --by prolong_lds
 """
 
 STEP_HELP = {
@@ -99,6 +101,16 @@ STEP_HELP = {
         "that a real window outscores a control) with a verdict, and writes report.json, report.md and probe.png "
         "to output_dir/probe (or --output).",
     ),
+    "compare": (
+        "score the same windows with several scorers and compare them on your data",
+        "Score the windows with every scorer of --scorers (default: all registered: longattn_v1, prolong_v1, "
+        "ladm_cds_v1; each into its own resumable chunks, the windows shared) and write output_dir/compare: "
+        "compare.md and compare.json with, per category, Spearman and Kendall correlation between every pair of "
+        "scorers, the Jaccard overlap of the windows each would keep at keep_fraction (and that of two random "
+        "selections), each scorer's AUC of real windows against the probe's shuffled-chunk controls, and the "
+        "measured seconds and estimated multiply-adds per window; plus correlations.png. Then `select --by NAME` "
+        "ranks by any of them (or by the rank average of several), and the next export's card shows the comparison.",
+    ),
     "config": (
         "print the resolved configuration as YAML",
         "Print the configuration the other commands would use (config file, --input, options and "
@@ -139,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.commands[name] = add_probe_parser(commands, short, long)
         else:
             parser.commands[name] = commands.add_parser(name, parents=[common], help=short, description=long)
+    parser.commands["select"].add_argument("--by", dest="select_by", nargs="+", metavar="NAME", default=None,
+                                           help="the same as --select-by: a scorer, a score column, or several")
+    parser.commands["compare"].add_argument("--no-controls", action="store_true",
+                                            help="skip the real-vs-control AUC (scores only the run's windows)")
     return parser
 
 
@@ -181,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "probe":
             return args.func(args, config)
+        if args.command == "compare":
+            return _compare(args, config)
         return _run_step(args.command, config, progress=not args.no_progress)
     except (LongAttnError, ValueError, OSError, ImportError) as error:
         if args.traceback:
@@ -208,6 +226,19 @@ def one_line(error: BaseException, output_dir: str | None = None) -> str:
             and not is_storage_error(error) and not isinstance(error, LongAttnError):
         text = f"{type(error).__name__}: {text}"
     return text
+
+
+def _compare(args: argparse.Namespace, config: Any) -> int:
+    """``hf-longattn compare``: every scorer of ``--scorers`` (default: all registered) on the run's windows."""
+    from .compare import compare, report_markdown
+    from .registry import SCORERS
+
+    started = time.perf_counter()
+    report = compare(config, config.scorers or SCORERS.names(), progress=not args.no_progress,
+                     controls=not args.no_controls)
+    print(report_markdown(report), flush=True)
+    print(f"[compare] done in {time.perf_counter() - started:.1f} s; outputs in {config.output_dir}/compare", flush=True)
+    return 0
 
 
 def _run_step(command: str, config: Any, *, progress: bool) -> int:

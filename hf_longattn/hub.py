@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import LongAttnError
+
+EXPORT_RECORD = "hf_longattn_export.json"
+"""The run's record of an export in its folder; never pushed."""
 
 logger = logging.getLogger(__name__)
 
@@ -276,3 +280,100 @@ def remedy(error: BaseException) -> str:
     if status == 429:
         return "the Hub is rate-limiting this account: wait as long as it says"
     return "check the network and the Hub's status"
+
+
+# -- the public push: the checks, then push_folder -------------------------------------------------------
+
+
+def _offline() -> bool:
+    """True when huggingface_hub's offline mode or the HF_HUB_OFFLINE env var is on."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+
+
+def check_can_push(repo_id: str) -> None:
+    """Raise before any work if pushing ``repo_id`` cannot succeed offline-detectably (offline mode, bad id).
+
+    Every process of a launch may call it (it needs nothing but the environment); the token is
+    checked by :func:`check_token`, where the push happens.
+
+    Raises:
+        `RuntimeError`: when ``HF_HUB_OFFLINE`` is set (in the environment or in ``huggingface_hub.constants``).
+        `ValueError`: when ``repo_id`` is not a valid Hub repository id.
+
+    Example:
+
+    >>> check_can_push("me/longabc-32k")  # doctest: +SKIP
+    """
+    if _offline():
+        raise RuntimeError(f"HF_HUB_OFFLINE=1 is set: cannot push to {repo_id}; unset it or export the folder only.")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"Invalid Hub repo id {repo_id!r}: {err}") from err
+
+
+def check_token(repo_id: str, token: str | None = None) -> None:
+    """Raise `LongAttnError` when no Hugging Face token is found (``token``, ``HF_TOKEN``, ``hf auth login``).
+
+    Checked where the push happens: by `push_to_hub`, and by ``hf-longattn run``/``push`` on the
+    main process before any work.
+
+    Example:
+
+    >>> check_token("me/longabc-32k")  # doctest: +SKIP
+    """
+    from huggingface_hub import get_token
+
+    if not (token or get_token()):
+        raise LongAttnError(f"cannot push to the Hub dataset {repo_id}: no Hugging Face token found. Run "
+                            "`hf auth login` (or set HF_TOKEN to a token with write access), then run the push again.")
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload LongABC dataset with hf_longattn",
+    max_files_per_commit: int | None = None,
+) -> str:
+    """Create (if needed) a dataset repository and make it hold an exported folder, resumably.
+
+    Files already on the Hub are not sent again; files of an earlier export (``data/scored``,
+    ``data/filtered``, ``plots``) that this one does not have are deleted; every commit leaves the
+    repo loadable (see `hf_longattn.hub`). The token is never printed or logged; `None` lets
+    `huggingface_hub` resolve it (``HF_TOKEN``, ``hf auth login``).
+
+    Args:
+        folder (`str` or `Path`): a folder written by `export_dataset` (must contain ``README.md``).
+        repo_id (`str`): target dataset repository, ``"user/name"``.
+        private (`bool`, defaults to `False`): create the repository as private (an existing one keeps its visibility).
+        token (`str`, *optional*): Hub token; defaults to huggingface_hub's usual resolution.
+        commit_message (`str`, defaults to `"Upload LongABC dataset with hf_longattn"`): the commit message
+            (`" (part i/n)"` is added when the push takes several commits).
+        max_files_per_commit (`int`, *optional*, defaults to `hf_longattn.hub.DEFAULT_MAX_FILES_PER_COMMIT`):
+            operations per commit; halved automatically when the Hub refuses a commit as too large.
+
+    Returns:
+        `str`: the URL of the dataset repository.
+
+    Raises:
+        `LongAttnError`: one line naming what failed (the Hub's answer or the network error) and what to do.
+
+    Example:
+
+    >>> push_to_hub("longabc-export", "me/longabc-32k", private=True)  # doctest: +SKIP
+    'https://huggingface.co/datasets/me/longabc-32k'
+    """
+    check_can_push(repo_id)
+    check_token(repo_id, token)
+    folder = Path(folder)
+    if not (folder / "README.md").is_file():
+        raise FileNotFoundError(f"{folder} has no README.md: export it first with hf_longattn.publication.export_dataset.")
+    return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                       skip=(EXPORT_RECORD,), max_files_per_commit=max_files_per_commit or DEFAULT_MAX_FILES_PER_COMMIT)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import vocabulary as V
+from .ranking import LONGATTN, SelectionColumns
 
 #: Column → (axis title, unit) for the three LongAttn statistics.
 SCORE_AXES: dict[str, tuple[str, str]] = {
@@ -36,12 +37,26 @@ def _require_matplotlib() -> tuple[Any, Any]:
     return Figure, FigureCanvasAgg
 
 
-_PLOT_COLUMNS = (V.STATUS, V.SELECTED, *SCORE_AXES)
+def score_axes(columns: SelectionColumns = LONGATTN, normalization: str | None = None) -> dict[str, tuple[str, str]]:
+    """Column → (axis title, unit) of the score panels: LongAttn's three, else each score column and the selection score."""
+    if columns == LONGATTN:
+        axes = dict(SCORE_AXES)
+        axes[V.LDS] = (axes[V.LDS][0], _LDS_UNITS.get(normalization or "", SCORE_AXES[V.LDS][1]))
+        return axes
+    axes = {column: (columns.label_of(column), "score") for column in columns.scores}
+    unit = "mean percentile rank, 0–1" if columns.score == "selection_score" and len(columns.scores) > 1 else \
+        _LDS_UNITS.get(normalization or "", "normalised units")
+    axes[columns.score] = (f"{columns.label} (selection score)", unit)
+    return axes
 
 
-def _check_columns(dataset: Any) -> None:
-    """Raise a `ValueError` listing the columns of one split if it lacks one of :data:`_PLOT_COLUMNS`."""
-    missing = [name for name in _PLOT_COLUMNS if name not in dataset.column_names]
+def _plot_columns(columns: SelectionColumns) -> list[str]:
+    return [*columns.statuses, columns.selected, *columns.scores, columns.score]
+
+
+def _check_columns(dataset: Any, columns: SelectionColumns = LONGATTN) -> None:
+    """Raise a `ValueError` listing the columns of one split if it lacks one the plots read."""
+    missing = [name for name in _plot_columns(columns) if name not in dataset.column_names]
     if missing:
         raise ValueError(
             f"Cannot plot LongAttn scores: missing column(s) {missing}. "
@@ -49,18 +64,23 @@ def _check_columns(dataset: Any) -> None:
         )
 
 
-def _window_table(dataset: Any) -> dict[str, list]:
+def _window_table(dataset: Any, columns: SelectionColumns = LONGATTN) -> dict[str, list]:
     """Return the status, selection and score columns of one split as Python lists (row order kept)."""
-    _check_columns(dataset)
-    table = dataset.select_columns(list(_PLOT_COLUMNS)).with_format("arrow")[:]
-    return {name: table.column(name).to_pylist() for name in _PLOT_COLUMNS}
+    from .ranking import combined_status
+
+    _check_columns(dataset, columns)
+    table = dataset.select_columns(list(dict.fromkeys(_plot_columns(columns)))).with_format("arrow")[:]
+    values = {name: table.column(name).to_pylist() for name in table.column_names}
+    values["_status"] = combined_status([values[c] for c in columns.statuses])
+    values["_selected"] = values[columns.selected]
+    return values
 
 
 def _split_rows(columns: Mapping[str, list], score: str) -> tuple[list[float], list[float]]:
     """Return the finite ``score`` values of ok rows, as (kept, dropped)."""
     kept: list[float] = []
     dropped: list[float] = []
-    for status, selected, value in zip(columns[V.STATUS], columns[V.SELECTED], columns[score]):
+    for status, selected, value in zip(columns["_status"], columns["_selected"], columns[score]):
         if status != V.OK or value is None or not math.isfinite(value):
             continue
         (kept if selected else dropped).append(float(value))
@@ -84,6 +104,7 @@ def plot_score_distributions(
     *,
     normalization: str | None = None,
     bins: int = 30,
+    columns: SelectionColumns = LONGATTN,
 ) -> Path:
     """Plot histograms of DS_T, DU_T and LDS_T, one row per category, kept vs dropped in two colours.
 
@@ -103,6 +124,8 @@ def plot_score_distributions(
             ``"zscore"`` or ``"minmax"``; only used to label LDS_T's unit.
         bins (`int`, defaults to `30`):
             Histogram bins per panel (shared by kept and dropped).
+        columns (`hf_longattn.ranking.SelectionColumns`, defaults to LongAttn's):
+            the selection's status, score and flag columns (another scorer's, or a rank average).
 
     Returns:
         `Path`: the written PNG.
@@ -124,16 +147,14 @@ def plot_score_distributions(
         raise ValueError("Cannot plot score distributions: `scored` has no splits.")
     thresholds = dict(thresholds or {})
     names = list(scored)
-    fig = figure_cls(figsize=(15, 3.4 * len(names) + 0.8), layout="constrained")
-    axes = fig.subplots(len(names), len(SCORE_AXES), squeeze=False)
-    lds_unit = _LDS_UNITS.get(normalization or "", SCORE_AXES[V.LDS][1])
+    panels = score_axes(columns, normalization)
+    fig = figure_cls(figsize=(5 * len(panels), 3.4 * len(names) + 0.8), layout="constrained")
+    axes = fig.subplots(len(names), len(panels), squeeze=False)
     for row, name in enumerate(names):
-        columns = _window_table(scored[name])
-        for col, (score, (title, unit)) in enumerate(SCORE_AXES.items()):
+        table = _window_table(scored[name], columns)
+        for col, (score, (title, unit)) in enumerate(panels.items()):
             ax = axes[row][col]
-            if score == V.LDS:
-                unit = lds_unit
-            kept, dropped = _split_rows(columns, score)
+            kept, dropped = _split_rows(table, score)
             ax.set_title(f"{name} — {title}", fontsize=10)
             ax.set_xlabel(unit, fontsize=9)
             ax.set_ylabel("windows", fontsize=9)
@@ -154,16 +175,17 @@ def plot_score_distributions(
                 label=[f"kept ({len(kept)})", f"dropped ({len(dropped)})"],
             )
             threshold = thresholds.get(name)
-            if score == V.LDS and threshold is not None and math.isfinite(threshold):
+            if score == columns.score and threshold is not None and math.isfinite(threshold):
                 ax.axvline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
                            label=f"threshold = {threshold:.4g}")
             ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
             ax.legend(fontsize=8)
-    fig.suptitle("LongAttn scores per category (status ok windows only)", fontsize=12)
+    fig.suptitle("LongAttn scores per category (status ok windows only)" if columns == LONGATTN else
+                 f"Scores per category, selection by {columns.label} (status ok windows only)", fontsize=12)
     return _save(fig, canvas_cls, path)
 
 
-def plot_kept_vs_dropped(scored: Mapping[str, Any], path: str | Path) -> Path:
+def plot_kept_vs_dropped(scored: Mapping[str, Any], path: str | Path, columns: SelectionColumns = LONGATTN) -> Path:
     """Plot, per category, a stacked bar of windows kept, dropped and not scored (status not ok).
 
     Args:
@@ -197,8 +219,8 @@ def plot_kept_vs_dropped(scored: Mapping[str, Any], path: str | Path) -> Path:
     names = list(scored)
     counts = {"kept": [], "dropped": [], "not ok": []}
     for name in names:
-        _check_columns(scored[name])
-        rows = row_counts(scored[name].select_columns([V.STATUS, V.SELECTED]).with_format("arrow")[:])
+        _check_columns(scored[name], columns)
+        rows = row_counts(scored[name].select_columns([*columns.statuses, columns.selected]).with_format("arrow")[:], columns)
         counts["kept"].append(rows["kept"])
         counts["dropped"].append(rows["scored_ok"] - rows["kept"])
         counts["not ok"].append(rows["windows"] - rows["scored_ok"])
@@ -217,6 +239,6 @@ def plot_kept_vs_dropped(scored: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_xticks(x, names, rotation=20 if len(names) > 4 else 0)
     ax.set_xlabel("category (split)")
     ax.set_ylabel("windows (rows)")
-    ax.set_title("LongAttn selection per category")
+    ax.set_title("LongAttn selection per category" if columns == LONGATTN else f"Selection by {columns.label} per category")
     ax.legend(fontsize=8)
     return _save(fig, canvas_cls, path)

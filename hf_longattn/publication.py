@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -12,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from . import vocabulary as V
-from .card import QUANTILES, SCORE_LABELS, CardData, CategoryRow, score_quantiles
+from .card import QUANTILES, SCORE_LABELS, CardData, CategoryRow, score_quantiles  # noqa: F401 - SCORE_LABELS: its old home
 from .counts import format_number, row_counts  # noqa: F401 - format_number: its old home
+from .hub import EXPORT_RECORD  # noqa: F401 - the run's record of an export in its folder; not carried over
+from .ranking import LONGATTN, SelectionColumns
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,6 @@ REQUIRED_COLUMNS = (V.ID, V.STATUS, V.SELECTED, V.DS, V.DU, V.LDS)
 PLOT_FILES = {"scores": "score_distributions.png", "selection": "kept_vs_dropped.png", "probe": "probe.png"}
 OWNED = ("README.md", "data/scored", "data/filtered", "plots")
 """What an export writes in its folder (and replaces with ``overwrite=True``); nothing else is touched."""
-EXPORT_RECORD = "hf_longattn_export.json"
-"""The run's record of the export in its folder (written by `hf_longattn.run.export_step`); not carried over."""
 
 
 # -- names and paths ---------------------------------------------------------------------------------
@@ -77,15 +76,20 @@ def _inside(folder: Path, relative: str) -> Path:
     return path
 
 
-def _validate(scored: Mapping[str, Any]) -> None:
+def required_columns(columns: SelectionColumns = LONGATTN) -> tuple[str, ...]:
+    """The columns an export reads: ``id``, the statuses, the flag, the score columns and the selection score."""
+    return tuple(dict.fromkeys((V.ID, *columns.statuses, columns.selected, *columns.scores, columns.score)))
+
+
+def _validate(scored: Mapping[str, Any], selection: SelectionColumns = LONGATTN) -> None:
     """Check that every split has the columns the export needs; list what exists otherwise."""
     if not scored:
         raise ValueError("Cannot export: `scored` has no splits.")
     for name, dataset in scored.items():
         columns = dataset.column_names
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if V.NUM_TOKENS not in columns and V.INPUT_IDS not in columns:
-            missing.append(f"{V.NUM_TOKENS} (or {V.INPUT_IDS})")
+        missing = [c for c in required_columns(selection) if c not in columns]
+        if selection.num_tokens not in columns and V.INPUT_IDS not in columns:
+            missing.append(f"{selection.num_tokens} (or {V.INPUT_IDS})")
         if missing:
             raise ValueError(f"Split {name!r} lacks column(s) {missing} needed for export. Current columns: {columns}")
 
@@ -179,33 +183,37 @@ class ExportWriter:
         return data_files, empty
 
 
-def split_summary(table: Any) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
+def split_summary(table: Any, selection: SelectionColumns = LONGATTN) -> tuple[dict[str, Any], dict[str, list[float]], list[str]]:
     """Counts (`hf_longattn.counts.row_counts`), the ok rows' finite scores per score column, and the licenses of a split."""
-    import pyarrow.compute as pc
+    import pyarrow as pa
 
-    counts = row_counts(table)
-    ok = pc.fill_null(pc.equal(table.column(V.STATUS), V.OK), False)
+    from .ranking import combined_status
+
+    counts = row_counts(table, selection)
+    ok = pa.array([s == V.OK for s in combined_status([table.column(c).to_pylist() for c in selection.statuses])], pa.bool_())
     scores = {}
-    for column in (V.DS, V.DU, V.LDS):
+    for column in dict.fromkeys((*selection.scores, selection.score)):
         values = table.column(column).filter(ok).to_pylist()
         scores[column] = [float(v) for v in values if v is not None and math.isfinite(v)]
     licenses = sorted({str(v) for v in table.column(V.LICENSE).to_pylist() if v}) if V.LICENSE in table.column_names else []
     return counts, scores, licenses
 
 
-def category_row(category: str, split: str, table: Any, run_counts: Mapping[str, Any]) -> tuple[CategoryRow, list[list]]:
+def category_row(category: str, split: str, table: Any, run_counts: Mapping[str, Any],
+                 selection: SelectionColumns = LONGATTN) -> tuple[CategoryRow, list[list]]:
     """The card's row for one category, and its quantile rows, from its scored rows (and the run's own counters)."""
-    counts, scores, licenses = split_summary(table)
+    counts, scores, licenses = split_summary(table, selection)
     threshold = run_counts.get("threshold")
-    if threshold is None and counts["kept"]:  # the lowest LDS_T kept
+    if threshold is None and counts["kept"]:  # the lowest selection score kept
         import pyarrow.compute as pc
 
-        threshold = pc.min(table.column(V.LDS).filter(pc.fill_null(table.column(V.SELECTED), False))).as_py()
+        threshold = pc.min(table.column(selection.score).filter(pc.fill_null(table.column(selection.selected), False))).as_py()
     row = CategoryRow(category, split, counts["windows"], counts["scored_ok"], counts["kept"], counts["tokens_in"],
                       counts["tokens_out"], counts["not_ok"], threshold, run_counts.get("documents"),
                       run_counts.get("documents_too_short"), run_counts.get("windows_left_out"), licenses)
     quantiles = []
-    for column, label in SCORE_LABELS.items():
+    for column in scores:
+        label = selection.label_of(column)
         quantile = score_quantiles(scores[column])
         quantiles.append([category, label, len(scores[column]), *(quantile.get(name) for name, _ in QUANTILES)])
     return row, quantiles
@@ -214,17 +222,18 @@ def category_row(category: str, split: str, table: Any, run_counts: Mapping[str,
 def finish_export(folder: Path, metadata: Mapping[str, Any], scored: Mapping[str, Any], rows: list[CategoryRow],
                   quantiles: list[list], columns: list[str], data_files: dict, empty: list[str], *, plots: bool,
                   repo_id: str | None, license: str | None, pretty_name: str | None, tag: str,
-                  probe_png: Path | None = None) -> CardData:
+                  probe_png: Path | None = None, selection: SelectionColumns = LONGATTN,
+                  card_fields: Mapping[str, Any] | None = None) -> CardData:
     """Plots (from ``scored``: split → rows with the score columns), the probe image and the card ``README.md``."""
     probe = metadata.get("probe")
     if isinstance(probe, Mapping) and "png" in probe:  # a path on this machine: copied into plots/, never published
         probe_png = probe_png or Path(probe["png"])
         metadata = {**metadata, "probe": {key: value for key, value in probe.items() if key != "png"}}
-    plot_names = _plots(scored, folder, rows, metadata) if plots else {}
+    plot_names = _plots(scored, folder, rows, metadata, selection) if plots else {}
     plot_names.update(_probe_plot(folder, probe_png))
     card = CardData.from_metadata(metadata, categories=rows, quantiles=quantiles, columns=columns, data_files=data_files,
                                   plots=plot_names, empty_filtered_splits=empty, repo_id=repo_id or None,
-                                  license=license or None, pretty_name=pretty_name or None)
+                                  license=license or None, pretty_name=pretty_name or None, **(card_fields or {}))
     _inside(folder, "README.md").write_text(card.render(), encoding="utf-8")
     return card
 
@@ -240,6 +249,7 @@ def export_dataset(
     pretty_name: str | None = None,
     plots: bool = True,
     overwrite: bool = False,
+    selection: SelectionColumns = LONGATTN,
 ) -> Path:
     """Write scored LongAttn windows as a Hub-ready dataset folder with two configs and a dataset card.
 
@@ -281,6 +291,8 @@ def export_dataset(
         plots (`bool`, defaults to `True`): draw the PNG plots (needs matplotlib).
         overwrite (`bool`, defaults to `False`): replace a previous export in ``folder`` (only
             :data:`OWNED` is replaced); otherwise an existing export raises `FileExistsError`.
+        selection (`hf_longattn.ranking.SelectionColumns`, defaults to LongAttn's): the status, score and flag
+            columns of the selection (`LongAttnSelector.columns` of a selector of another scorer).
 
     Returns:
         `Path`: ``folder``.
@@ -295,21 +307,22 @@ def export_dataset(
 
     if max_shard_rows < 1:
         raise ValueError(f"max_shard_rows must be >= 1, got {max_shard_rows}.")
-    _validate(scored)
+    _validate(scored, selection)
     mapping = split_names(scored)
     folder = Path(folder)
     check_export_folder(folder, overwrite)
     tag = content_tag([getattr(d, "_fingerprint", None) or repr(d) for d in scored.values()], metadata, max_shard_rows)
     with atomic_folder(folder) as building:
         _keep_other_files(folder, building)
-        rows, quantiles = _write_splits(scored, building, mapping, metadata, max_shard_rows, tag)
+        rows, quantiles = _write_splits(scored, building, mapping, metadata, max_shard_rows, tag, selection)
         writer = ExportWriter(building, tag, 1)
         writer.rows = {("scored", r.split): r.windows for r in rows} | {("filtered", r.split): r.kept for r in rows}
         schema = next(iter(scored.values())).features.arrow_schema
         data_files, empty = writer.finish(list(mapping.values()), schema)
         renamed = {split: scored[original] for original, split in mapping.items()}
         finish_export(building, metadata, renamed, rows, quantiles, list(next(iter(scored.values())).column_names),
-                      data_files, empty, plots=plots, repo_id=repo_id, license=license, pretty_name=pretty_name, tag=tag)
+                      data_files, empty, plots=plots, repo_id=repo_id, license=license, pretty_name=pretty_name, tag=tag,
+                      selection=selection)
     return folder
 
 
@@ -331,17 +344,18 @@ def check_export_folder(folder: Path, overwrite: bool) -> None:
 
 
 def _write_splits(scored: Mapping[str, Any], folder: Path, mapping: dict[str, str], metadata: Mapping[str, Any],
-                  max_shard_rows: int, tag: str) -> tuple[list[CategoryRow], list[list]]:
+                  max_shard_rows: int, tag: str, selection: SelectionColumns = LONGATTN) -> tuple[list[CategoryRow], list[list]]:
     """Write every split's parts of both configs; return the card's category and quantile rows."""
     rows, quantiles = [], []
     for original, split in mapping.items():
         dataset = scored[original]
-        wanted = [c for c in (*REQUIRED_COLUMNS, V.NUM_TOKENS, V.INPUT_IDS, V.LICENSE) if c in dataset.column_names]
+        wanted = [c for c in (*required_columns(selection), selection.num_tokens, V.INPUT_IDS, V.LICENSE)
+                  if c in dataset.column_names]
         table = dataset.select_columns(wanted).with_format("arrow")[:]
-        row, quantile = category_row(original, split, table, (metadata.get("categories") or {}).get(original, {}))
+        row, quantile = category_row(original, split, table, (metadata.get("categories") or {}).get(original, {}), selection)
         rows.append(row)
         quantiles += quantile
-        selected = [i for i, s in enumerate(table.column(V.SELECTED).to_pylist()) if s]
+        selected = [i for i, s in enumerate(table.column(selection.selected).to_pylist()) if s]
         for config, subset in (("scored", dataset), ("filtered", dataset.select(selected))):
             parts = max(1, math.ceil(len(subset) / max_shard_rows))
             for index in range(parts):
@@ -374,13 +388,14 @@ def _copy(source: Path, target: Path) -> None:
     shutil.copytree(source, target, symlinks=True) if source.is_dir() else shutil.copy2(source, target)
 
 
-def _plots(scored: Mapping[str, Any], folder: Path, rows: list[CategoryRow], metadata: Mapping[str, Any]) -> dict[str, str]:
+def _plots(scored: Mapping[str, Any], folder: Path, rows: list[CategoryRow], metadata: Mapping[str, Any],
+           selection: SelectionColumns = LONGATTN) -> dict[str, str]:
     from .plots import plot_kept_vs_dropped, plot_score_distributions
 
     thresholds = {row.split: row.threshold for row in rows}
     plot_score_distributions(scored, thresholds, _inside(folder, f"plots/{PLOT_FILES['scores']}"),
-                             normalization=metadata.get("normalization"))
-    plot_kept_vs_dropped(scored, _inside(folder, f"plots/{PLOT_FILES['selection']}"))
+                             normalization=metadata.get("normalization"), columns=selection)
+    plot_kept_vs_dropped(scored, _inside(folder, f"plots/{PLOT_FILES['selection']}"), selection)
     return {"scores": PLOT_FILES["scores"], "selection": PLOT_FILES["selection"]}
 
 
@@ -397,102 +412,6 @@ def _probe_plot(folder: Path, source: Path | None) -> dict[str, str]:
     return {"probe": PLOT_FILES["probe"]}
 
 
-# -- push ------------------------------------------------------------------------------------------------
+# -- push: `hf_longattn.hub` (their home since 0.3) --------------------------------------------------------
 
-
-def _offline() -> bool:
-    """True when huggingface_hub's offline mode or the HF_HUB_OFFLINE env var is on."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
-
-
-def check_can_push(repo_id: str) -> None:
-    """Raise before any work if pushing ``repo_id`` cannot succeed offline-detectably (offline mode, bad id).
-
-    Every process of a launch may call it (it needs nothing but the environment); the token is
-    checked by :func:`check_token`, where the push happens.
-
-    Raises:
-        `RuntimeError`: when ``HF_HUB_OFFLINE`` is set (in the environment or in ``huggingface_hub.constants``).
-        `ValueError`: when ``repo_id`` is not a valid Hub repository id.
-
-    Example:
-
-    >>> check_can_push("me/longabc-32k")  # doctest: +SKIP
-    """
-    if _offline():
-        raise RuntimeError(f"HF_HUB_OFFLINE=1 is set: cannot push to {repo_id}; unset it or export the folder only.")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"Invalid Hub repo id {repo_id!r}: {err}") from err
-
-
-def check_token(repo_id: str, token: str | None = None) -> None:
-    """Raise `LongAttnError` when no Hugging Face token is found (``token``, ``HF_TOKEN``, ``hf auth login``).
-
-    Checked where the push happens: by `push_to_hub`, and by ``hf-longattn run``/``push`` on the
-    main process before any work.
-
-    Example:
-
-    >>> check_token("me/longabc-32k")  # doctest: +SKIP
-    """
-    from huggingface_hub import get_token
-
-    from .errors import LongAttnError
-
-    if not (token or get_token()):
-        raise LongAttnError(f"cannot push to the Hub dataset {repo_id}: no Hugging Face token found. Run "
-                            "`hf auth login` (or set HF_TOKEN to a token with write access), then run the push again.")
-
-
-def push_to_hub(
-    folder: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str = "Upload LongABC dataset with hf_longattn",
-    max_files_per_commit: int | None = None,
-) -> str:
-    """Create (if needed) a dataset repository and make it hold an exported folder, resumably.
-
-    Files already on the Hub are not sent again; files of an earlier export (``data/scored``,
-    ``data/filtered``, ``plots``) that this one does not have are deleted; every commit leaves the
-    repo loadable (see `hf_longattn.hub`). The token is never printed or logged; `None` lets
-    `huggingface_hub` resolve it (``HF_TOKEN``, ``hf auth login``).
-
-    Args:
-        folder (`str` or `Path`): a folder written by `export_dataset` (must contain ``README.md``).
-        repo_id (`str`): target dataset repository, ``"user/name"``.
-        private (`bool`, defaults to `False`): create the repository as private (an existing one keeps its visibility).
-        token (`str`, *optional*): Hub token; defaults to huggingface_hub's usual resolution.
-        commit_message (`str`, defaults to `"Upload LongABC dataset with hf_longattn"`): the commit message
-            (`" (part i/n)"` is added when the push takes several commits).
-        max_files_per_commit (`int`, *optional*, defaults to `hf_longattn.hub.DEFAULT_MAX_FILES_PER_COMMIT`):
-            operations per commit; halved automatically when the Hub refuses a commit as too large.
-
-    Returns:
-        `str`: the URL of the dataset repository.
-
-    Raises:
-        `LongAttnError`: one line naming what failed (the Hub's answer or the network error) and what to do.
-
-    Example:
-
-    >>> push_to_hub("longabc-export", "me/longabc-32k", private=True)  # doctest: +SKIP
-    'https://huggingface.co/datasets/me/longabc-32k'
-    """
-    from .hub import DEFAULT_MAX_FILES_PER_COMMIT, push_folder
-
-    check_can_push(repo_id)
-    check_token(repo_id, token)
-    folder = Path(folder)
-    if not (folder / "README.md").is_file():
-        raise FileNotFoundError(f"{folder} has no README.md: export it first with hf_longattn.publication.export_dataset.")
-    return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message,
-                       skip=(EXPORT_RECORD,), max_files_per_commit=max_files_per_commit or DEFAULT_MAX_FILES_PER_COMMIT)
+from .hub import check_can_push, check_token, push_to_hub  # noqa: E402,F401

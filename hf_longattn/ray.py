@@ -155,6 +155,8 @@ class LongAttnScorerActor:
             ``layer``, ``dtype``, ``scorer``), or its dict / YAML path.
         device (`str`, *optional*): default ``cuda:0`` (the GPU Ray gave the actor) or the CPU.
         batch_size (`int`, *optional*): windows per scorer call; default ``config.batch_size``.
+        scorer (`str`, *optional*): one of the run's ``scorers`` (default: its ``scorer``); one actor pool per scorer
+            scores the same windows with several.
 
     Input batches, in any ``batch_format`` (``"pyarrow"``, ``"numpy"``, ``"pandas"``): ``id`` and
     ``input_ids`` (token ids) at least. Returns a `pyarrow.Table`, whatever the input format, so
@@ -169,9 +171,10 @@ class LongAttnScorerActor:
     ...     batch_format="pyarrow", num_gpus=1, compute=ray.data.ActorPoolStrategy(size=8))  # doctest: +SKIP
     """
 
-    def __init__(self, config: Any, device: str | None = None, batch_size: int | None = None) -> None:
+    def __init__(self, config: Any, device: str | None = None, batch_size: int | None = None,
+                 scorer: str | None = None) -> None:
         self.config = as_run_config(config)
-        self.scorer = stages.task_run(self.config, device=device).scorer
+        self.scorer = _scorer_view(stages.task_run(self.config, device=device), scorer).scorer
         self.batch_size = int(batch_size or self.config.batch_size)
         if callable(getattr(self.scorer, "load", None)):
             self.scorer.load()  # once per actor, before the first batch
@@ -199,6 +202,7 @@ class LongAttnChunkScorer:
         config (`RunConfig`, `dict` or `str`): the run, whose plan stage has run.
         device (`str`, *optional*): as for `LongAttnScorerActor`.
         launch (`str`, *optional*): the launch id of the driver holding the run lock.
+        scorer (`str`, *optional*): one of the run's ``scorers`` (default: its ``scorer``): its plan, ``scores/<scorer>/``.
 
     Input batches: a ``chunk`` column (indices into ``scores/plan.json``). Output: a
     `pyarrow.Table` with ``chunk``, ``windows``, ``scored`` (`False` when it was already done or
@@ -211,8 +215,9 @@ class LongAttnChunkScorer:
     ...     num_gpus=1, compute=ray.data.ActorPoolStrategy(size=8)).materialize()  # doctest: +SKIP
     """
 
-    def __init__(self, config: Any, device: str | None = None, launch: str | None = None) -> None:
-        self.run = stages.task_run(config, device=device, launch=launch)
+    def __init__(self, config: Any, device: str | None = None, launch: str | None = None,
+                 scorer: str | None = None) -> None:
+        self.run = _scorer_view(stages.task_run(config, device=device, launch=launch), scorer)
         self.plan = score_step.read_plan(self.run)
         self.reuse: dict[str, Any] | None = None
 
@@ -242,6 +247,19 @@ class LongAttnChunkScorer:
                 report[key].append(value)
         types = (pa.int64(), pa.int64(), pa.bool_(), pa.float64())
         return pa.table(report, schema=pa.schema(list(zip(report, types))))
+
+
+def _scorer_view(run: Any, scorer: str | None) -> Any:
+    """The task run as scorer ``scorer`` sees it (`hf_longattn.run.context.Run.for_scorer`); a name not among the run's
+    scorers is refused in one line."""
+    if scorer is None:
+        return run
+    from .registry import SCORERS
+
+    name = SCORERS.resolve(scorer)
+    if name not in run.config.scorer_names():
+        raise LongAttnError(f"scorer {name!r} is not among this run's scorers {run.config.scorer_names()}: add it to `scorers`")
+    return run.for_scorer(name)
 
 
 # -- the job ---------------------------------------------------------------------------------------

@@ -101,3 +101,5 @@ class _Lazy:
 SCORERS = Registry("scorer")
 """Scorers by versioned name: a class with ``from_run_config(config, device)`` (see `hf_longattn.scorer`)."""
 SCORERS.register_lazily("longattn_v1", "hf_longattn.scorer:LongAttnScorer", aliases=("longattn",))
+SCORERS.register_lazily("prolong_v1", "hf_longattn.scorers.prolong_scorer:ProLongScorer", aliases=("prolong",))
+SCORERS.register_lazily("ladm_cds_v1", "hf_longattn.scorers.ladm:LadmCdsScorer", aliases=("ladm", "ladm_cds"))

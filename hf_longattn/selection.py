@@ -26,8 +26,6 @@ import numpy as np
 
 from . import vocabulary as V
 from .lds import (  # noqa: F401 - re-exported: their home before hf_longattn 0.2
-    check_alpha,
-    check_keep_fraction,
     METHODS,
     NORMALIZATIONS,
     SELECTION_METHODS,
@@ -35,8 +33,11 @@ from .lds import (  # noqa: F401 - re-exported: their home before hf_longattn 0.
     _lds_from_stats,
     _normalization_stats,
     _random_key,
+    check_alpha,
+    check_keep_fraction,
     lds_scores,
 )
+from .ranking import LONGATTN, SelectionColumns, combined_status, fit_stats, float_column, float_values, selection_score
 
 DS_COLUMN, DU_COLUMN, STATUS_COLUMN, LDS_COLUMN, SELECTED_COLUMN = V.DS, V.DU, V.STATUS, V.LDS, V.SELECTED
 OK_STATUS, NULL_STATUS = V.OK, V.NULL_STATUS
@@ -129,6 +130,8 @@ class LongAttnSelector:
         method: str = "lds",
         seed: int = 0,
         id_column: str = "id",
+        ranking: Sequence[Sequence[Sequence[Any]]] | None = None,
+        columns: SelectionColumns | Mapping[str, Any] | None = None,
     ) -> None:
         check_keep_fraction(keep_fraction)
         check_alpha(alpha)
@@ -143,6 +146,13 @@ class LongAttnSelector:
         self.method = method
         self.seed = seed
         self.id_column = id_column
+        self.ranking = None if ranking is None else tuple(tuple((str(c), float(w)) for c, w in item) for item in ranking)
+        if isinstance(columns, Mapping):
+            columns = SelectionColumns.from_dict(columns)
+        if (columns is None) != (ranking is None):
+            raise ValueError("pass `ranking` and `columns` together (hf_longattn.ranking.selection_of builds both), or neither "
+                             "for LongAttn's LDS")
+        self.columns: SelectionColumns = columns or LONGATTN
         self.groups: dict[Any, GroupSelection] | None = None
 
     def __repr__(self) -> str:
@@ -164,12 +174,14 @@ class LongAttnSelector:
             "method": self.method,
             "seed": self.seed,
             "id_column": self.id_column,
+            **({} if self.ranking is None else {"ranking": [[list(t) for t in item] for item in self.ranking],
+                                                  "columns": self.columns.to_dict()}),
         }
 
     @property
     def required_columns(self) -> list[str]:
         """Columns that :meth:`fit` and :meth:`add_scores` read."""
-        columns = [self.id_column, DS_COLUMN, DU_COLUMN, STATUS_COLUMN]
+        columns = [self.id_column, *self.columns.read]
         return columns + ([self.by] if self.by is not None else [])
 
     def n_keep(self, n_valid: int) -> int:
@@ -199,12 +211,10 @@ class LongAttnSelector:
         if not pa.types.is_string(ids.type) and not pa.types.is_large_string(ids.type):
             ids = pc.cast(ids, pa.string())
         _raise_on_null(ids, self.id_column, "id_column")
-        ds_values = _float_column(table.column(DS_COLUMN))
-        du_values = _float_column(table.column(DU_COLUMN))
-        status = pc.fill_null(pc.cast(table.column(STATUS_COLUMN), pa.string()), NULL_STATUS).combine_chunks()
+        values = {column: float_column(table.column(column)) for column in self.columns.scores}
+        status = self._status(table)
         ok = pc.equal(status, OK_STATUS).to_numpy(zero_copy_only=False)
-        finite = np.isfinite(ds_values) & np.isfinite(du_values)
-        valid = ok & finite
+        valid = ok & np.logical_and.reduce([np.isfinite(v) for v in values.values()])
 
         if self.by is None:
             codes = np.zeros(n_rows, dtype=np.int64)
@@ -231,7 +241,7 @@ class LongAttnSelector:
         groups: dict[Any, GroupSelection] = {}
         for code, group in enumerate(group_values):
             rows = order[bounds[code] : bounds[code + 1]]
-            groups[group] = self._fit_group(group, rows, valid, ok, ids, ds_values, du_values, status_codes, status_names)
+            groups[group] = self._fit_group(group, rows, valid, ok, ids, values, status_codes, status_names)
         self.groups = dict(sorted(groups.items(), key=lambda item: str(item[0])))
         return self
 
@@ -242,8 +252,7 @@ class LongAttnSelector:
         valid: np.ndarray,
         ok: np.ndarray,
         ids: Any,
-        ds_values: np.ndarray,
-        du_values: np.ndarray,
+        values: dict[str, np.ndarray],
         status_codes: np.ndarray,
         status_names: list[str],
     ) -> GroupSelection:
@@ -251,9 +260,12 @@ class LongAttnSelector:
         import pyarrow.compute as pc
 
         valid_rows = rows[valid[rows]]
-        group_ds, group_du = ds_values[valid_rows], du_values[valid_rows]
-        stats = _normalization_stats(group_ds, group_du, self.normalization)
-        lds = _lds_from_stats(group_ds, group_du, stats, self.alpha, self.normalization)
+        group_values = {column: v[valid_rows] for column, v in values.items()}
+        if self.ranking is None:
+            stats = _normalization_stats(group_values[DS_COLUMN], group_values[DU_COLUMN], self.normalization)
+        else:
+            stats = fit_stats(group_values, self.ranking, self.normalization)
+        lds = self._score(group_values, stats)
         group_ids = ids.take(pa.array(valid_rows, type=pa.int64())).combine_chunks()
         n_keep = self.n_keep(len(valid_rows))
 
@@ -283,6 +295,21 @@ class LongAttnSelector:
         if int(selected.sum()) != n_keep:
             raise RuntimeError(f"group {group!r}: the threshold selects {int(selected.sum())} rows instead of {n_keep}")
         return fitted
+
+    def _score(self, values: Mapping[str, np.ndarray], stats: Mapping[str, Any]) -> np.ndarray:
+        """The selection score of rows of one group: LongAttn's LDS, or the ranking's (`hf_longattn.ranking`)."""
+        if self.ranking is None:
+            return _lds_from_stats(values[DS_COLUMN], values[DU_COLUMN], stats, self.alpha, self.normalization)
+        return selection_score(values, self.ranking, stats, self.normalization)
+
+    def _status(self, table: Any) -> Any:
+        """One status per row (Arrow strings): ``ok`` when every status column is, else the first other one."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if len(self.columns.statuses) == 1:
+            return pc.fill_null(pc.cast(table.column(self.columns.statuses[0]), pa.string()), NULL_STATUS).combine_chunks()
+        return pa.array(combined_status([table.column(c).to_pylist() for c in self.columns.statuses]), pa.string())
 
     def fit_files(self, paths: Sequence[Any]) -> LongAttnSelector:
         """Fit from many parquet score files at once, reading only :attr:`required_columns` (`pyarrow.dataset`).
@@ -356,10 +383,11 @@ class LongAttnSelector:
         missing = [column for column in self.required_columns if column not in batch]
         if missing:
             raise ValueError(f"Columns {missing} not in the batch. Current columns: {list(batch.keys())}")
-        ds_values = _float_values(batch[DS_COLUMN])
-        du_values = _float_values(batch[DU_COLUMN])
-        n = len(ds_values)
-        valid = np.array([s == OK_STATUS for s in batch[STATUS_COLUMN]], dtype=bool) & np.isfinite(ds_values) & np.isfinite(du_values)
+        values = {column: float_values(batch[column]) for column in self.columns.scores}
+        n = len(batch[self.id_column])
+        status = combined_status([batch[c] for c in self.columns.statuses])
+        valid = np.array([s == OK_STATUS for s in status], dtype=bool) & np.logical_and.reduce(
+            [np.isfinite(v) for v in values.values()])
         ids = [None if i is None else str(i) for i in batch[self.id_column]]
         group_of = [None] * n if self.by is None else list(batch[self.by])
 
@@ -378,11 +406,11 @@ class LongAttnSelector:
                 raise ValueError(f"Group {group!r} was not seen by fit. Fitted groups: {list(groups)}")
             fitted = groups[group]
             index = np.array(rows, dtype=np.int64)
-            lds[index] = _lds_from_stats(ds_values[index], du_values[index], fitted.stats, self.alpha, self.normalization)
+            lds[index] = self._score({column: v[index] for column, v in values.items()}, fitted.stats)
             selected[index] = self._select(fitted, lds[index], [ids[r] for r in rows])
         return V.typed_columns(self.output_features({}), {
-            LDS_COLUMN: [float(x) if ok else None for x, ok in zip(lds.tolist(), valid.tolist())],
-            SELECTED_COLUMN: selected.tolist(),
+            self.columns.score: [float(x) if ok else None for x, ok in zip(lds.tolist(), valid.tolist())],
+            self.columns.selected: selected.tolist(),
         })
 
     def __call__(self, batch: Mapping[str, Sequence[Any]]) -> list[bool]:
@@ -391,15 +419,15 @@ class LongAttnSelector:
         Uses the batch's ``longattn_selected`` column if present (null counts as not selected),
         else computes it with :meth:`add_scores`.
         """
-        if SELECTED_COLUMN in batch:
-            return [bool(x) for x in batch[SELECTED_COLUMN]]
-        return self.add_scores(batch)[SELECTED_COLUMN]
+        if self.columns.selected in batch:
+            return [bool(x) for x in batch[self.columns.selected]]
+        return self.add_scores(batch)[self.columns.selected]
 
     def output_features(self, input_features: Mapping[str, Any]) -> Any:
         """`datasets.Features` of ``ds.map(selector.add_scores, batched=True)``'s output."""
         from datasets import Features, Value
 
-        return Features({**input_features, LDS_COLUMN: Value("float64"), SELECTED_COLUMN: Value("bool")})
+        return Features({**input_features, self.columns.score: Value("float64"), self.columns.selected: Value("bool")})
 
     def transform(self, ds: Any, **map_kwargs: Any) -> Any:
         """``ds.map(self.add_scores, batched=True, features=...)``: the dataset with both columns added."""
@@ -459,22 +487,6 @@ class LongAttnSelector:
 
 
 # -- column helpers -----------------------------------------------------------------------------
-
-
-def _float_column(column: Any) -> np.ndarray:
-    """A numeric Arrow column as float64 numpy, nulls as NaN."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type) or pa.types.is_null(column.type)):
-        raise ValueError(f"Score column of type {column.type} is not numeric")
-    as_float = pc.cast(column, pa.float64())
-    return pc.fill_null(as_float, float("nan")).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-
-
-def _float_values(values: Sequence[Any]) -> np.ndarray:
-    """A batch column as float64 numpy, None as NaN."""
-    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 def _raise_on_null(column: Any, name: str, role: str, hint: str = "") -> None:

@@ -56,7 +56,7 @@ def test_yaml_overrides_and_round_trip(tmp_path):
         ({"model": "m", "sources": ["d"], "dtype": "fp8"}, "dtype must be one of"),
         ({"model": "m", "sources": ["d"], "context_length": 1}, r"context_length must be an int >= 2 or null, got 1"),
         ({"model": "m", "sources": ["d"], "context_length": "8k"}, r"context_length must be an int >= 2 or null"),
-        ({"model": "m", "sources": ["d"], "scorer": "bert"}, r"scorer: unknown scorer 'bert'; available: \['longattn_v1'\]"),
+        ({"model": "m", "sources": ["d"], "scorer": "bert"}, r"scorer: unknown scorer 'bert'; available: \['ladm_cds_v1', 'longattn_v1', 'prolong_v1'\]"),
         ({"model": "m", "sources": ["d"], "probe_layers": [0, 0]}, r"layers must be 'all', an int >= 0 or a list"),
         ({"model": "m", "sources": [{"path": "d", "colour": "red"}]}, r"Unknown source key\(s\) \['colour'\].*valid keys: path, "),
         ({"model": "m", "sources": [{"category": "book"}]}, "exactly one of 'path', 'hub' or 'embedded'"),

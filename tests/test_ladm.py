@@ -57,9 +57,12 @@ def run_map(scorer, ds, **kwargs):
 
 
 # --- the port and the geometry ----------------------------------------------------------------------------
-@pytest.mark.skipif(not os.environ.get("LADM_OFFICIAL_REPO"), reason="set LADM_OFFICIAL_REPO to a LADM checkout")
+@pytest.mark.official
 @pytest.mark.parametrize("ablation", ABLATIONS)
 def test_port_is_the_official_block(ablation):
+    """Opt in (the official code is not shipped): ``LADM_OFFICIAL_REPO=<checkout> python -m pytest -m official tests/test_ladm.py``."""
+    if not os.environ.get("LADM_OFFICIAL_REPO"):
+        pytest.fail("set LADM_OFFICIAL_REPO to a checkout of github.com/ZNLP/LADM")
     source = official_source(os.environ["LADM_OFFICIAL_REPO"])
     assert source is not None
     for length, settings in [(2500, SETTINGS[0]), (333, SETTINGS[1]), (301, SETTINGS[3])]:

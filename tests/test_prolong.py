@@ -15,7 +15,7 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 
 from hf_longattn import vocabulary as V
-from hf_longattn.model_loading import causal_lm_fingerprint, load_causal_lm, load_tokenizer, resolve_source
+from hf_longattn.model_loading import causal_lm_fingerprint, load_causal_lm, resolve_source
 from hf_longattn.scorers import prolong_scorer as S
 from hf_longattn.scorers.prolong import (
     ProLongSettings,
@@ -197,7 +197,7 @@ def test_score_does_not_depend_on_batch_order_or_size(tiny_model_dir):
     first = outputs[0][S.LDS]
     assert all(out[S.LDS] == first for out in outputs) and reversed_ds[S.LDS][::-1] == first  # bit for bit
     assert len(set(first)) == len(first) and max(first) > 0  # different windows, different draws and scores
-    direct = prolong_scores(scorer.load(), windows, scorer.settings)
+    direct = prolong_scores(scorer.load(), windows, scorer.prolong_settings)
     assert [r.lds for r in direct] == first
 
 
@@ -226,7 +226,7 @@ def test_text_rows_are_tokenised_without_special_tokens(tiny_model):
     ds = Dataset.from_dict({"text": texts}).map(scorer, batched=True, batch_size=4)
     assert ds[S.STATUS] == [V.OK, V.EMPTY, V.MISSING, V.TOO_SHORT]
     ids = scorer.tokenizer(texts[0], add_special_tokens=False)["input_ids"]
-    assert ds[S.NUM_TOKENS][0] == len(ids) and ds[S.LDS][0] == prolong_scores(scorer.load(), [ids], scorer.settings)[0].lds
+    assert ds[S.NUM_TOKENS][0] == len(ids) and ds[S.LDS][0] == prolong_scores(scorer.load(), [ids], scorer.prolong_settings)[0].lds
 
 
 def test_bad_columns_raise_before_loading(tiny_model_dir):
@@ -294,3 +294,37 @@ def test_load_causal_lm_refuses_pickles(tiny_model_dir, tmp_path):
         load_causal_lm(resolve_source(str(tmp_path)), dtype=torch.float32)
     model = load_causal_lm(resolve_source(str(tiny_model_dir("llama"))), dtype=torch.float32)
     assert model.get_output_embeddings() is not None and not model.training
+
+
+# --- the output head only where a loss is needed, fused with the log-sum-exp --------------------------
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_fused_head_equals_the_models_own_logits(dtype, tolerance):
+    """`_head_perplexity` (head on the needed positions, a block at a time) = the float64 PPL of the model's full logits."""
+    from hf_longattn.scorers import prolong as PL
+
+    model = tiny_lm("qwen2").to(dtype)
+    ids = torch.as_tensor(random_window(5 * C, seed=3)).view(5, C)
+    with torch.inference_mode():
+        fused, _ = PL._perplexity_forward(model, ids, ids[:, 1:])  # positions 0..C−2 of each segment
+        plain = PL._perplexity(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+    assert model not in PL._PLAIN_LOGITS and relative(fused, plain) <= tolerance
+
+
+def test_post_processed_logits_fall_back_to_the_models_own():
+    """A head with something after the projection (here a logit scale, as Cohere's) is scored from the model's logits."""
+    from hf_longattn.scorers import prolong as PL
+
+    model = tiny_lm("llama")
+    model.lm_head.register_forward_hook(lambda _module, _args, logits: logits * 4.0)
+    settings = ProLongSettings(**{**SETTINGS.__dict__, "max_batch_tokens": 3 * C})
+    window = random_window(9 * C + 5)
+    ours = prolong_scores(model, [window], settings)[0]
+    assert model in PL._PLAIN_LOGITS
+    compare(ours, reference_for(copy.deepcopy(model).double(), window, settings, ours), 1e-5)  # the hook is copied
+
+
+def test_even_batches():
+    from hf_longattn.scorers.prolong import _even_batches
+
+    assert [len(b) for b in _even_batches(np.arange(33), 32)] == [17, 16]
+    assert [len(b) for b in _even_batches(np.arange(64), 32)] == [32, 32] and _even_batches(np.arange(0), 32) == []

@@ -26,8 +26,12 @@ def test_versioned_names_aliases_and_errors():
 
 
 def test_lazy_parts_import_on_first_use():
-    assert SCORERS.names() == ["longattn_v1"]
+    assert SCORERS.names() == ["ladm_cds_v1", "longattn_v1", "prolong_v1"]
     from hf_longattn.scorer import LongAttnScorer
+    from hf_longattn.scorers.base import WindowScorer
 
     assert SCORERS.get("longattn") is LongAttnScorer
+    for name in SCORERS.names():
+        scorer = SCORERS.get(name)
+        assert issubclass(scorer, WindowScorer) and scorer.name == scorer.registered_name == name
     assert SELECTION_METHODS.names() == ["lds_v1", "random_v1"]

@@ -61,6 +61,7 @@ def run_probe_command(args: argparse.Namespace, config: Any = None) -> int:
     from ..run.context import Run
 
     config = config if config is not None else config_from_args(args)
+    check_probed_scorer(config)
     check_window_fits(config, check_model(config.model, config.revision))
     run = Run(config, progress=False)
     with contextlib.nullcontext() if args.output else run.locked():
@@ -82,6 +83,17 @@ def run_probe_command(args: argparse.Namespace, config: Any = None) -> int:
         print(f"The dataset card in {hub} was written before this probe: run `hf-longattn export` with the same "
               "flags to put the probe into it (the scores and the selection are reused).")
     return 0
+
+
+def check_probed_scorer(config: Any) -> None:
+    """The probe compares LongAttn's layers; for a run scored by another scorer it points at `hf-longattn compare`."""
+    from ..errors import LongAttnError
+    from ..registry import SCORERS
+
+    name = SCORERS.resolve(config.scorer)
+    if name != "longattn_v1":
+        raise LongAttnError(f"the probe compares the layers of LongAttn (longattn_v1), not {name}: run `hf-longattn compare "
+                            f"--scorers {name} longattn_v1` for {name}'s AUC of real windows against the same controls")
 
 
 def _probe(args: argparse.Namespace, config: Any) -> Any:

@@ -32,8 +32,10 @@ class Run:
 
     def __init__(self, config: RunConfig, executor: Executor | None = None, *, progress: bool = True,
                  launch: str | None = None) -> None:
+        from ..registry import SCORERS
+
         self.config = config
-        self.folder = RunFolder(config.output_dir)
+        self.folder = RunFolder(config.output_dir, SCORERS.resolve(config.scorer))
         self._executor = executor
         self.progress = progress
         self.timings: dict[str, float] = {}
@@ -44,6 +46,7 @@ class Run:
         self._lock = None
         self._lock_depth = 0
         self._model_checked = False
+        self._scorer_runs: dict[str, ScorerRun] = {}
 
     @property
     def executor(self) -> Executor:
@@ -151,6 +154,18 @@ class Run:
             self._fingerprint = self.config.fingerprint(self.scorer.identity())
         return self._fingerprint
 
+    def for_scorer(self, name: str) -> Run | ScorerRun:
+        """The run as scorer ``name``'s plan and score steps see it (the run itself for ``config.scorer``)."""
+        if name == self.folder.scorer:
+            return self
+        if name not in self._scorer_runs:
+            self._scorer_runs[name] = ScorerRun(self, name)
+        return self._scorer_runs[name]
+
+    def scorer_runs(self) -> list[Run | ScorerRun]:
+        """One view per scorer of the run (`RunConfig.scorer_names`), ``config.scorer``'s first."""
+        return [self.for_scorer(name) for name in self.config.scorer_names()]
+
     def timed(self, step: str, function: Callable[[], Any]) -> Any:
         """Run ``function``, record its wall time under ``step`` (and in ``timings.json`` on the main process)."""
         start = time.perf_counter()
@@ -183,3 +198,33 @@ class Run:
         if not path.is_file():
             raise LongAttnError(f"No windows in {self.folder.windows}: run the `windows` step first")
         return WindowsStats.read(path)
+
+
+class ScorerRun:
+    """The run as one more scorer's plan and score steps see it: its own scorer, fingerprint and ``scores/<name>/``.
+
+    Everything else (configuration, executor, launch, lock, fence) is the run's.
+    """
+
+    def __init__(self, run: Run, name: str) -> None:
+        self._run, self.name = run, name
+        self.folder = run.folder.for_scorer(name)
+        self._scorer = None
+        self._fingerprint: dict[str, Any] | None = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._run, attribute)
+
+    @property
+    def scorer(self) -> Any:
+        if self._scorer is None:
+            from ..registry import SCORERS
+
+            self._scorer = SCORERS.get(self.name).from_run_config(self._run.config, self._run.executor.device)
+        return self._scorer
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            self._fingerprint = self._run.config.fingerprint(self.scorer.identity(), self.name)
+        return self._fingerprint

@@ -82,9 +82,10 @@ def _part_writer(run: Run, selection: SelectionRecord, windows: WindowsStats, ke
     import pyarrow.parquet as pq
 
     from ..publication import split_names
-    from .select_step import read_selection
+    from .select_step import load_selector, read_selection
 
     table = read_selection(run)  # checked against its record's sha256
+    flag = load_selector(run).columns.selected
     if table.num_rows != sum(windows.shard_windows(i) for i in range(len(windows.shards))):
         raise LongAttnError(f"{run.folder.selection} does not hold the windows of {run.folder.windows_stats}: run `select`")
     mapping = split_names(sorted(windows.categories))
@@ -102,7 +103,7 @@ def _part_writer(run: Run, selection: SelectionRecord, windows: WindowsStats, ke
         files = []
         for category, split in mapping.items():
             mine = full.filter(pc.equal(full.column(V.CATEGORY), category))
-            for config, part in (("scored", mine), ("filtered", mine.filter(pc.fill_null(mine.column(V.SELECTED), False)))):
+            for config, part in (("scored", mine), ("filtered", mine.filter(pc.fill_null(mine.column(flag), False)))):
                 if part.num_rows:
                     relative = part_path(split, config, index, key)
                     (building / relative).parent.mkdir(parents=True, exist_ok=True)

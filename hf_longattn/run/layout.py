@@ -11,7 +11,9 @@ A run lives in one ``output_dir``; every path is built here and nowhere else::
     scores/chunk-000000.parquet      id + score columns of one chunk, and
     scores/chunk-000000.done         its completion marker (rows, sha256, fingerprint, windows digest)
     scores/reuse.parquet             scores of unchanged windows kept across a change of the windows
-    selection.parquet                id, category, scores, longattn_lds, longattn_selected (windows order)
+    scores/<scorer>/...              the same files for every scorer but LongAttn (``prolong_v1``, ``ladm_cds_v1``)
+    selection.parquet                id, category, every scorer's columns, the selection score and flag
+                                     (longattn_lds, longattn_selected), in windows order
     selector.json                    the fitted LongAttnSelector
     selection.json                   what the selection was made from (scores key, settings) and its key
     summary.json, timings.json       the per-category counts and the wall time of each step
@@ -19,6 +21,7 @@ A run lives in one ``output_dir``; every path is built here and nowhere else::
     .hub.building-<key>/             an export being assembled (swapped in as hub/ when complete)
     push.json                        the last push: repository, export key, commit
     probe/                           the scorer self-check, when asked for (probe/probe.json: its key)
+    compare/                         `hf-longattn compare`: compare.md, compare.json, plots
     .lock                            held by the launch using the folder (see `hf_longattn.run.lock`)
 """
 
@@ -60,20 +63,28 @@ class RunFolder:
     >>> folder = RunFolder("longattn-demo")
     >>> folder.chunk_parquet(3).as_posix(), folder.selection.name, folder.shard_record("shard-ab").name
     ('longattn-demo/scores/chunk-000003.parquet', 'selection.parquet', 'shard-ab.json')
+    >>> folder.for_scorer("prolong_v1").plan.as_posix()
+    'longattn-demo/scores/prolong_v1/plan.json'
     """
 
     root: Path
+    scorer: str
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, scorer: str = "longattn_v1") -> None:
         object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "scorer", scorer)
+
+    def for_scorer(self, name: str) -> RunFolder:
+        """The same run folder, with ``scores`` the folder of scorer ``name`` (``scores/`` for LongAttn, else ``scores/<name>/``)."""
+        return RunFolder(self.root, name)
 
     config = property(lambda self: self.root / CONFIG_FILE)
     fingerprint = property(lambda self: self.root / FINGERPRINT_FILE)
     windows = property(lambda self: self.root / "windows")
     windows_stats = property(lambda self: self.root / "windows" / WINDOWS_STATS_FILE)
-    scores = property(lambda self: self.root / "scores")
-    plan = property(lambda self: self.root / "scores" / PLAN_FILE)
-    reuse = property(lambda self: self.root / "scores" / REUSE_FILE)
+    scores = property(lambda self: self.root / "scores" / ("" if self.scorer == "longattn_v1" else self.scorer))
+    plan = property(lambda self: self.scores / PLAN_FILE)
+    reuse = property(lambda self: self.scores / REUSE_FILE)
     selection = property(lambda self: self.root / SELECTION_FILE)
     selector = property(lambda self: self.root / SELECTOR_FILE)
     selection_record = property(lambda self: self.root / SELECTION_RECORD_FILE)
@@ -86,6 +97,7 @@ class RunFolder:
     probe_report = property(lambda self: self.root / "probe" / "report.json")
     probe_record = property(lambda self: self.root / "probe" / "probe.json")
     probe_image = property(lambda self: self.root / "probe" / "probe.png")
+    compare = property(lambda self: self.root / "compare")
     lock = property(lambda self: self.root / LOCK_FILE)
 
     # -- windows ---------------------------------------------------------------------------------
@@ -128,8 +140,9 @@ class RunFolder:
 
     def managed(self) -> list[Path]:
         """Every path the run writes directly under ``root``."""
-        return [self.config, self.fingerprint, self.windows, self.scores, self.selection, self.selector,
-                self.selection_record, self.summary, self.timings, self.hub, self.push_record, self.probe, self.lock]
+        return [self.config, self.fingerprint, self.windows, self.root / "scores", self.scores, self.selection, self.selector,
+                self.selection_record, self.summary, self.timings, self.hub, self.push_record, self.probe, self.compare,
+                self.lock]
 
     def check_inside(self) -> None:
         """Refuse a run folder whose own files or folders are symlinks (they would write elsewhere).

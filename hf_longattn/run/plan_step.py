@@ -12,6 +12,7 @@ match are removed.
 
 from __future__ import annotations
 
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .. import vocabulary as V
 from ..errors import LongAttnError
 from .chunks import check_chunk_record
 from .context import Run
-from .graph import input_plan, stale
+from .graph import input_plan, plan_is_current, stale
 from .records import ChunkMarker, ChunkPlan, ShardRecord, WindowsStats
 from ..storage import atomic_write, json_sha256, remove_stale_temporaries
 from .windows_step import cap_mask, window_key
@@ -32,8 +33,11 @@ def plan_task(run: Run) -> dict[str, int]:
         run.print(f"[plan] reusing {run.folder.plan}: {stats.total['windows']} windows in {len(plan.chunks)} chunks")
         return {"windows": stats.total["windows"], "chunks": len(plan.chunks)}
     stats = write_stats(run)
-    plan = write_plan(run, stats)
-    return {"windows": stats.total["windows"], "chunks": len(plan.chunks)}
+    chunks = 0
+    for view in run.scorer_runs():  # one plan per scorer (the same chunks), each with its scorer's fingerprint
+        plan = ChunkPlan.read(view.folder.plan) if plan_is_current(view, stats) else write_plan(view, stats)
+        chunks += len(plan.chunks)
+    return {"windows": stats.total["windows"], "chunks": chunks}
 
 
 def write_stats(run: Run) -> WindowsStats:
@@ -156,7 +160,7 @@ def _print_stats(run: Run, stats: WindowsStats) -> None:
 # -- the chunk plan ---------------------------------------------------------------------------------------
 
 
-def write_plan(run: Run, stats: WindowsStats) -> ChunkPlan:
+def write_plan(run: Any, stats: WindowsStats) -> ChunkPlan:
     """Write ``scores/plan.json`` for ``stats``; when it changes, keep reusable scores and drop stale chunks."""
     import pyarrow.parquet as pq
 
@@ -182,7 +186,7 @@ def write_plan(run: Run, stats: WindowsStats) -> ChunkPlan:
     return plan
 
 
-def _keep_reusable_scores(run: Run, plan: ChunkPlan) -> None:
+def _keep_reusable_scores(run: Any, plan: ChunkPlan) -> None:
     """Gather the rows of every valid old chunk into ``reuse.parquet``; remove the chunks the new plan does not match."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -25,14 +25,14 @@ from .windows_step import load_capped_windows, within_cap
 logger = logging.getLogger(__name__)
 
 
-def read_plan(run: Run) -> ChunkPlan:
+def read_plan(run: Any) -> ChunkPlan:
     """``scores/plan.json``; a missing plan says to run the plan step."""
     if not run.folder.plan.is_file():
         raise LongAttnError(f"No chunk plan in {run.folder.scores}: run the `score` step (it plans the chunks first)")
     return ChunkPlan.read(run.folder.plan)
 
 
-def pending_chunks(run: Run, plan: ChunkPlan | None = None) -> list[int]:
+def pending_chunks(run: Any, plan: ChunkPlan | None = None) -> list[int]:
     """The chunks of the plan without a valid marker, in order."""
     plan = plan or read_plan(run)
     fingerprint = run.fingerprint["fingerprint"]
@@ -41,12 +41,21 @@ def pending_chunks(run: Run, plan: ChunkPlan | None = None) -> list[int]:
 
 
 def score_task(run: Run) -> dict[str, int]:
-    """One task of the score step: claim and score, one after the other, every chunk without a valid marker.
+    """One task of the score step: for each scorer of the run in turn, claim and score every chunk without a valid marker.
 
     Returns:
         `dict[str, int]`: ``chunks_scored`` and ``windows_scored`` by this task (``windows_reused``
-        of them copied from an earlier plan), and ``chunks_pending`` when it started.
+        of them copied from an earlier plan), and ``chunks_pending`` when it started, over all scorers.
     """
+    totals: dict[str, int] = {}
+    for view in run.scorer_runs():
+        for key, value in _score_task(view, len(run.config.scorer_names()) > 1).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _score_task(run: Any, named: bool) -> dict[str, int]:
+    """:func:`score_task` for one scorer (``run``: the run or a `hf_longattn.run.context.ScorerRun`)."""
     from tqdm.auto import tqdm
 
     from ..storage import remove_stale_temporaries
@@ -59,7 +68,8 @@ def score_task(run: Run) -> dict[str, int]:
         if run.folder.chunk_parquet(index).exists() or run.folder.chunk_marker(index).exists():
             reason = check_chunk(run.folder.scores, index, plan.chunks[index].rows, fingerprint, plan.chunks[index].digest)
             logger.warning("rank %d: redoing %s: %s", executor.rank, chunk_name(index), reason)
-    print(f"[score] rank {executor.rank}/{executor.world_size}: {len(plan.chunks) - len(todo)} of {len(plan.chunks)} "
+    print(f"[score{' ' + run.folder.scorer if named else ''}] rank {executor.rank}/{executor.world_size}: "
+          f"{len(plan.chunks) - len(todo)} of {len(plan.chunks)} "
           f"chunks done, {len(todo)} to score (chunk_size={run.config.chunk_size})", flush=True)
     counts = {"chunks_pending": len(todo), "chunks_scored": 0, "windows_scored": 0, "windows_reused": 0}
     reuse = reuse_index(run) if todo else {}
@@ -68,7 +78,8 @@ def score_task(run: Run) -> dict[str, int]:
         chunk = plan.chunks[index]
         return check_chunk(run.folder.scores, index, chunk.rows, fingerprint, chunk.digest) is None
 
-    with tqdm(total=sum(plan.chunks[i].rows for i in todo), desc=f"Scoring windows (rank {executor.rank})",
+    with tqdm(total=sum(plan.chunks[i].rows for i in todo),
+              desc=f"Scoring windows{' with ' + run.folder.scorer if named else ''} (rank {executor.rank})",
               unit="window", position=executor.local_rank, disable=not run.progress) as bar:
         for index, claim in claimed(todo, run.folder.chunk_claim, run.launch, executor.rank, executor.world_size, done):
             try:
@@ -82,7 +93,7 @@ def score_task(run: Run) -> dict[str, int]:
     return counts
 
 
-def reuse_index(run: Run) -> dict[str, Any]:
+def reuse_index(run: Any) -> dict[str, Any]:
     """``window_hash`` → its reusable score row (from ``reuse.parquet``), or empty."""
     import pyarrow.parquet as pq
 
@@ -92,7 +103,7 @@ def reuse_index(run: Run) -> dict[str, Any]:
     return {"table": table, "rows": {h: i for i, h in enumerate(table.column(V.WINDOW_HASH).to_pylist())}}
 
 
-def chunk_windows(run: Run, chunk: Any) -> Any:
+def chunk_windows(run: Any, chunk: Any) -> Any:
     """The windows of one chunk (rows of its shard range inside the cap), their token ids checked against their hashes."""
     from .units import check_window_hashes, read_rows
 
@@ -105,7 +116,7 @@ def chunk_windows(run: Run, chunk: Any) -> Any:
     return table
 
 
-def score_one_chunk(run: Run, index: int, chunk: Any, reuse: dict[str, Any], on_batch: Any,
+def score_one_chunk(run: Any, index: int, chunk: Any, reuse: dict[str, Any], on_batch: Any,
                     before_commit: Any = None) -> int:
     """Score chunk ``index`` of the plan (copying reusable rows), write its parquet and marker; the windows reused."""
     import pyarrow as pa
@@ -151,11 +162,25 @@ def _assemble(windows: Any, scored: Any, missing: list[int], known: list, reuse:
 
 
 def merged_scores(run: Run) -> Any:
-    """All chunks concatenated in plan order, each checked against the windows it must hold.
+    """Every scorer's chunks concatenated in plan order, each checked against the windows it must hold, side by side.
 
     Returns:
-        `pyarrow.Table`: ``id``, ``category`` and the score columns, one row per window inside the cap.
+        `pyarrow.Table`: ``id``, ``category`` and the score columns of every scorer of the run
+        (``config.scorer``'s first), one row per window inside the cap.
     """
+    merged = None
+    for view in run.scorer_runs():
+        table = _merged_scores(view)
+        if merged is None:
+            merged = table
+        else:
+            for name in table.column_names[2:]:
+                merged = merged.append_column(table.schema.field(name), table.column(name))
+    return merged
+
+
+def _merged_scores(run: Any) -> Any:
+    """One scorer's chunks concatenated (:func:`merged_scores`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm

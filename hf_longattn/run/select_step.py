@@ -1,6 +1,7 @@
 """Step 4, select (one task): fit `LongAttnSelector` on the merged scores, write the selection and its record; summarise.
 
-``selection.parquet`` holds every window's scores, ``longattn_lds`` and ``longattn_selected``;
+``selection.parquet`` holds every window's scores (of every scorer of the run), the selection
+score and flag (``longattn_lds`` and ``longattn_selected``; `hf_longattn.ranking` for others);
 ``selector.json`` the fitted selector; ``selection.json`` (`hf_longattn.run.records.SelectionRecord`)
 what the selection was made from — the key of the scores and the selection settings
 (``selection_method``, ``keep_fraction``, ``alpha``, ``normalization``, ``seed``) — so that a
@@ -13,19 +14,27 @@ from typing import Any
 
 from .. import vocabulary as V
 from ..errors import LongAttnError
+from ..ranking import LONGATTN
 from ..selection import LongAttnSelector
 from .context import Run
 from .graph import scores_key, selection_settings, stale
 from .records import SelectionRecord
-from .score_step import merged_scores, read_plan
+from .score_step import merged_scores
 from ..storage import atomic_write, atomic_write_json, read_json, sha256_file
 
 
 def selector_of(run: Run) -> LongAttnSelector:
-    """The unfitted selector the configuration asks for (groups: ``category``)."""
+    """The unfitted selector the configuration asks for (groups: ``category``; ranking: ``select_by``)."""
+    from ..ranking import selection_of
+
     config = run.config
+    try:
+        columns, ranking = selection_of(config)
+    except ValueError as error:
+        raise LongAttnError(str(error)) from None
     return LongAttnSelector(keep_fraction=config.keep_fraction, by=V.CATEGORY, alpha=config.alpha,
-                            normalization=config.normalization, method=config.selection_method, seed=config.seed)
+                            normalization=config.normalization, method=config.selection_method, seed=config.seed,
+                            ranking=ranking, columns=None if ranking is None else columns)
 
 
 def select_task(run: Run) -> dict[str, int]:
@@ -46,24 +55,27 @@ def _select(run: Run) -> None:
     import pyarrow.parquet as pq
 
     scores = merged_scores(run)  # every chunk checked against the windows it must hold
-    key = scores_key(run, read_plan(run))
+    key = scores_key(run)
     if key is None:
         raise LongAttnError(f"some score chunks in {run.folder.scores} are not valid: run the `score` step")
     selector = selector_of(run).fit(scores)
     lds: list = []
     selected: list = []
     step = 65536
+    columns = selector.columns
     for offset in range(0, scores.num_rows, step):
-        added = selector.add_scores(scores.slice(offset, step).to_pydict())
-        lds.extend(added[V.LDS])
-        selected.extend(added[V.SELECTED])
-    table = scores.append_column(V.LDS, pa.array(lds, pa.float64())).append_column(V.SELECTED, pa.array(selected, pa.bool_()))
+        added = selector.add_scores(scores.slice(offset, step).select(selector.required_columns).to_pydict())
+        lds.extend(added[columns.score])
+        selected.extend(added[columns.selected])
+    table = scores.append_column(columns.score, pa.array(lds, pa.float64())).append_column(
+        columns.selected, pa.array(selected, pa.bool_()))
     atomic_write(run.folder.selection, lambda tmp: pq.write_table(table, tmp), before_commit=run.fence)
     atomic_write_json(run.folder.selector, selector.to_dict(), before_commit=run.fence)
     settings = selection_settings(run.config)
     SelectionRecord(key=SelectionRecord.key_of(key, settings), scores=key, settings=settings,
                     sha256=sha256_file(run.folder.selection)).write(run.folder.selection_record, before_commit=run.fence)
-    run.print(f"[select] {sum(selected)} of {len(selected)} windows selected ({run.config.selection_method}, "
+    by = "" if columns == LONGATTN else f"by {columns.label}, "
+    run.print(f"[select] {sum(selected)} of {len(selected)} windows selected ({by}{run.config.selection_method}, "
               f"keep_fraction {run.config.keep_fraction}) → {run.folder.selection}")
 
 
@@ -101,6 +113,7 @@ def summary(run: Run, selection: Any = None, selector: LongAttnSelector | None =
         selector = load_selector(run)
     thresholds = {row["group"]: row["threshold"] for row in selector.summary()}
     config = run.config
+    columns = selector.columns
     return {
         "model": config.model,
         "window_size": config.window_size,
@@ -110,9 +123,10 @@ def summary(run: Run, selection: Any = None, selector: LongAttnSelector | None =
         "normalization": config.normalization,
         "keep_fraction": config.keep_fraction,
         "selection_method": config.selection_method,
-        "categories": category_counts(selection, run.windows_stats().categories, thresholds),
+        "categories": category_counts(selection, run.windows_stats().categories, thresholds, columns),
         "scorer_check": scorer_check(run),
         "timings": run.all_timings(),
+        **({} if columns == LONGATTN else {"selection": columns.to_dict()}),
     }
 
 
@@ -129,8 +143,12 @@ def scorer_check(run: Run) -> dict[str, Any]:
     the dataset card opens with it, so the two always say the same.
     """
     from ..config import min_distance_tokens
+    from ..ranking import selection_of
 
     path, config = run.folder.probe_report, run.config
+    columns, ranking = selection_of(config)
+    if ranking is not None:
+        return compared_check(run, columns.scorers)
     if path.is_file():
         from ..model_loading import resolve_model
         from ..probe.report import ProbeReport
@@ -144,3 +162,25 @@ def scorer_check(run: Run) -> dict[str, Any]:
             return report.scorer_check(config.layer)
     return {"layer": config.layer, "auc_lds": None, "best_layer": None, "assessment": "not probed",
             "sentence": NOT_PROBED}
+
+
+NOT_COMPARED = ("No comparison was run on these windows: whether {scorers} tells real windows from shuffled "
+                "controls of the same documents is unmeasured, so run `hf-longattn compare` (README: Other scorers) "
+                "before relying on this selection.")
+
+
+def compared_check(run: Run, scorers: tuple[str, ...]) -> dict[str, Any]:
+    """For a selection by other scorers than LongAttn: their real-vs-control AUC per category from ``compare/compare.json``
+    (made on the current windows), or a sentence saying to run the comparison."""
+    from ..compare import current_report
+
+    report = current_report(run)
+    aucs = (report or {}).get("auc") or {}
+    if not all(name in aucs for name in scorers):
+        return {"layer": None, "auc_lds": None, "best_layer": None, "assessment": "not compared",
+                "sentence": NOT_COMPARED.format(scorers=" and ".join(scorers))}
+    parts = [f"{name}: " + ", ".join(f"{category} {entry['auc']:.2f}" if entry.get("auc") is not None else f"{category} n/a"
+                                     for category, entry in aucs[name].items()) for name in scorers]
+    return {"layer": None, "auc_lds": None, "best_layer": None, "assessment": "compared",
+            "sentence": ("AUC of real windows against shuffled-chunk controls of the same documents (`hf-longattn compare`; "
+                         "0.5 is chance, 1 separates them fully): " + "; ".join(parts) + ".")}
