@@ -74,8 +74,11 @@ class LoadReport:
 
 
 def resolve_source(model: str | os.PathLike, revision: str | None = None) -> ModelSource:
-    """Classify ``model`` as a local ``.gguf`` file, a local folder, or a Hub repo id."""
+    """Classify ``model`` as a local ``.gguf`` file, a local folder, or a Hub repo id (``"smollm2"``: the demo's GGUF)."""
     path = Path(model).expanduser()
+    if not path.exists():
+        path = Path(resolve_model(str(model))).expanduser()
+        model = str(path) if path.exists() else model
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf file; pass a model folder, a .gguf file or a Hub id")

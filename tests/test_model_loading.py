@@ -100,3 +100,16 @@ def test_gguf_dequantises_only_the_needed_tensors_exactly_as_transformers(smollm
     for name, tensor in ours.items():
         assert torch.equal(tensor, reference[name]), name  # incl. the reverse permutation of q/k rows
     assert report.bytes_read < 0.5 * report.checkpoint_bytes  # SmolLM2 layer 0: the embeddings + 3 small tensors
+
+
+def test_the_smollm2_alias_works_for_every_scorer_class(smollm2_gguf, tmp_path, monkeypatch):
+    """``ProLongScorer("smollm2")`` as ``hf-longattn run --model smollm2``: the alias is the installed GGUF, offline."""
+    from hf_longattn.scorers.ladm import LadmCdsScorer
+    from hf_longattn.scorers.prolong_scorer import ProLongScorer
+
+    monkeypatch.chdir(tmp_path)  # no folder named smollm2 here
+    assert resolve_source("smollm2") == resolve_source(str(smollm2_gguf))
+    for scorer in (LongAttnScorer("smollm2"), ProLongScorer("smollm2", window_size=1024), LadmCdsScorer("smollm2", layers=[0])):
+        assert scorer.source.kind == "gguf" and scorer.identity().startswith("gguf:")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_source("./smollm3.gguf")
