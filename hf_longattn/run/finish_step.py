@@ -172,7 +172,7 @@ def card_fields(run: Run, selector: Any) -> dict[str, Any]:
 
 def comparison_section(run: Run) -> str | None:
     """The table of ``compare/compare.md`` when the comparison was made on the current windows (else `None`)."""
-    from ..compare import read_comparison
+    from ..comparison import read_comparison
 
     return read_comparison(run)
 

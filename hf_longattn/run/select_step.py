@@ -172,7 +172,7 @@ NOT_COMPARED = ("No comparison was run on these windows: whether {scorers} tells
 def compared_check(run: Run, scorers: tuple[str, ...]) -> dict[str, Any]:
     """For a selection by other scorers than LongAttn: their real-vs-control AUC per category from ``compare/compare.json``
     (made on the current windows), or a sentence saying to run the comparison."""
-    from ..compare import current_report
+    from ..comparison import current_report
 
     report = current_report(run)
     aucs = (report or {}).get("auc") or {}
