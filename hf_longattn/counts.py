@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from . import vocabulary as V
-from .ranking import LONGATTN, SelectionColumns, combined_status
+from .ranking import LONGATTN, SelectionColumns, table_status
 
 LONGATTN_MEDIANS = {V.DS: "median_ds", V.DU: "median_du", V.LDS: "median_lds"}
 
@@ -57,7 +57,7 @@ def row_counts(table: Any, columns: SelectionColumns = LONGATTN) -> dict[str, An
     """
     import pyarrow.compute as pc
 
-    status = np.array(combined_status([table.column(c).to_pylist() for c in columns.statuses]), dtype=object)
+    status = np.array(table_status(table, columns.statuses), dtype=object)
     selected = pc.fill_null(table.column(columns.selected), False).to_numpy(zero_copy_only=False).astype(bool)
     tokens = np.nan_to_num(_token_counts(table, columns.num_tokens))
     ok = status == V.OK

@@ -187,10 +187,10 @@ def split_summary(table: Any, selection: SelectionColumns = LONGATTN) -> tuple[d
     """Counts (`hf_longattn.counts.row_counts`), the ok rows' finite scores per score column, and the licenses of a split."""
     import pyarrow as pa
 
-    from .ranking import combined_status
+    from .ranking import table_status
 
     counts = row_counts(table, selection)
-    ok = pa.array([s == V.OK for s in combined_status([table.column(c).to_pylist() for c in selection.statuses])], pa.bool_())
+    ok = pa.array([s == V.OK for s in table_status(table, selection.statuses)], pa.bool_())
     scores = {}
     for column in dict.fromkeys((*selection.scores, selection.score)):
         values = table.column(column).filter(ok).to_pylist()

@@ -86,6 +86,11 @@ def combined_status(statuses: Sequence[Sequence[Any]]) -> list[str]:
     return result
 
 
+def table_status(table: Any, statuses: Sequence[str]) -> list[str]:
+    """:func:`combined_status` of the ``statuses`` columns of a `pyarrow.Table`."""
+    return combined_status([table.column(column).to_pylist() for column in statuses])
+
+
 # -- the math of one group ---------------------------------------------------------------------------------
 
 

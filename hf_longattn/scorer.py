@@ -218,13 +218,7 @@ class LongAttnScorer(WindowScorer):
         return f"{len(token_ids)} tokens, k = {k}" if len(token_ids) <= k else None
 
     def _score_rows(self, rows: list[Row], out: dict[str, list]) -> None:
-        by_length: dict[int, list[Row]] = {}
-        for row in rows:
-            by_length.setdefault(len(row.token_ids), []).append(row)
-        for length, group in sorted(by_length.items()):
-            per_forward = max(1, self.config["max_batch_tokens"] // length)
-            for start in range(0, len(group), per_forward):
-                self._in_halves(group[start : start + per_forward], out, self.config["block_bytes"], self._forward)
+        self._score_by_length(rows, out, self._forward)
 
     def _block_rows(self, length: int, block_bytes: int) -> int:
         """Query rows per block of the torch backend, sized for the most windows of ``length`` one block holds.

@@ -37,7 +37,8 @@ from .lds import (  # noqa: F401 - re-exported: their home before hf_longattn 0.
     check_keep_fraction,
     lds_scores,
 )
-from .ranking import LONGATTN, SelectionColumns, combined_status, fit_stats, float_column, float_values, selection_score
+from .ranking import (LONGATTN, SelectionColumns, combined_status, fit_stats, float_column, float_values,
+                      selection_score, table_status)
 
 DS_COLUMN, DU_COLUMN, STATUS_COLUMN, LDS_COLUMN, SELECTED_COLUMN = V.DS, V.DU, V.STATUS, V.LDS, V.SELECTED
 OK_STATUS, NULL_STATUS = V.OK, V.NULL_STATUS
@@ -309,7 +310,7 @@ class LongAttnSelector:
 
         if len(self.columns.statuses) == 1:
             return pc.fill_null(pc.cast(table.column(self.columns.statuses[0]), pa.string()), NULL_STATUS).combine_chunks()
-        return pa.array(combined_status([table.column(c).to_pylist() for c in self.columns.statuses]), pa.string())
+        return pa.array(table_status(table, self.columns.statuses), pa.string())
 
     def fit_files(self, paths: Sequence[Any]) -> LongAttnSelector:
         """Fit from many parquet score files at once, reading only :attr:`required_columns` (`pyarrow.dataset`).

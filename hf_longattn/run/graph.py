@@ -196,7 +196,7 @@ def current_selection(run: Run) -> SelectionRecord | None:
     plan = ChunkPlan.read_if_valid(run.folder.plan)
     if record is None or plan is None or not run.folder.selection.is_file():
         return None
-    key = SelectionRecord.key_of(scores_key(run) or "", selection_settings(run.config))
+    key = SelectionRecord.key_of(scores_key(run, plan) or "", selection_settings(run.config))
     return record if record.key == key and sha256_file(run.folder.selection) == record.sha256 else None
 
 

@@ -306,6 +306,17 @@ class WindowScorer:
     def _score_rows(self, rows: list[Row], out: dict[str, list]) -> None:
         raise NotImplementedError
 
+    def _score_by_length(self, rows: list[Row], out: dict[str, list],
+                         forward: Callable[[list[Row], dict[str, list], int], None]) -> None:
+        """``forward`` on groups of equal-length rows, at most ``max_batch_tokens`` tokens each, via :meth:`_in_halves`."""
+        by_length: dict[int, list[Row]] = {}
+        for row in rows:
+            by_length.setdefault(len(row.token_ids), []).append(row)
+        for length, group in sorted(by_length.items()):
+            per_forward = max(1, self.config["max_batch_tokens"] // length)
+            for start in range(0, len(group), per_forward):
+                self._in_halves(group[start : start + per_forward], out, self.config["block_bytes"], forward)
+
     def _validate(self, batch: dict[str, list], indices: Any) -> list[Row]:
         id_column, text_column = self.config["input_ids_column"], self.config["text_column"]
         column = id_column if id_column in batch else text_column

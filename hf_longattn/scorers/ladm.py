@@ -211,13 +211,7 @@ class LadmCdsScorer(WindowScorer):
         return None
 
     def _score_rows(self, rows: list[Row], out: dict[str, list]) -> None:
-        by_length: dict[int, list[Row]] = {}
-        for row in rows:
-            by_length.setdefault(len(row.token_ids), []).append(row)
-        for length, group in sorted(by_length.items()):
-            per_forward = max(1, self.config["max_batch_tokens"] // length)
-            for first in range(0, len(group), per_forward):
-                self._in_halves(group[first : first + per_forward], out, self.config["block_bytes"], self._forward)
+        self._score_by_length(rows, out, self._forward)
 
     def _forward(self, group: list[Row], out: dict[str, list], block_bytes: int) -> None:
         input_ids = torch.tensor([r.token_ids for r in group], dtype=torch.long, device=self._device)  # (B, L)
