@@ -35,6 +35,7 @@ exact method can only cut by the token ratio, and each path at its own best batc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gzip
@@ -147,21 +148,29 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def bench_case(run, model, windows, settings: ProLongSettings) -> dict:
-    """Both ways on every window, alternating which goes first; windows/s, ratio, LDS agreement."""
+def bench_case(run, model, windows, settings: ProLongSettings, matmul: bool = False) -> dict:
+    """Both ways on every window, alternating which goes first; windows/s, ratio, LDS agreement.
+
+    With ``matmul``, each call also runs under the torch profiler, and the row gains each path's
+    seconds of matrix multiplication per window (``matmul_official``, ``matmul_ours``).
+    """
     per_forward = settings.max_batch_tokens // settings.chunk_size
     wall, cpu = {"official": 0.0, "ours": 0.0}, {"official": 0.0, "ours": 0.0}
+    multiplying = {"official": 0.0, "ours": 0.0}
     differences, kept, tokens = [], [], []
     for index, ids in enumerate(windows):
         seed = window_seed(ids, settings.seed)
         order = ("official", "ours") if index % 2 == 0 else ("ours", "official")
         for who in order:
-            if who == "official":
-                spent, official_lds, official_pairs = official_score(run, model, ids, settings, seed, per_forward)
-            else:
-                spent, result = ours_score(model, ids, settings, seed)
+            with torch.profiler.profile() if matmul else contextlib.nullcontext() as prof:
+                if who == "official":
+                    spent, official_lds, official_pairs = official_score(run, model, ids, settings, seed, per_forward)
+                else:
+                    spent, result = ours_score(model, ids, settings, seed)
             wall[who] += spent.wall
             cpu[who] += spent.cpu
+            if matmul:
+                multiplying[who] += sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::mm") / 1e6
         if official_pairs != [tuple(p) for p in result.pairs.tolist()]:
             raise AssertionError("run.py scored other pairs than ours: the draws are not aligned")
         differences.append(abs(result.lds - official_lds) / max(abs(official_lds), 1e-300))
@@ -176,7 +185,8 @@ def bench_case(run, model, windows, settings: ProLongSettings) -> dict:
             "kept": f"{min(kept)}–{max(kept)}", "official": count / wall["official"], "ours": count / wall["ours"],
             "ratio": wall["official"] / wall["ours"], "cpu_official": cpu["official"] / count,
             "cpu_ours": cpu["ours"] / count, "cpu_ratio": cpu["official"] / cpu["ours"], "difference": max(differences),
-            "token_ratio": sum(t[0] for t in tokens) / sum(t[1] for t in tokens)}
+            "token_ratio": sum(t[0] for t in tokens) / sum(t[1] for t in tokens),
+            "matmul_official": multiplying["official"] / count, "matmul_ours": multiplying["ours"] / count}
 
 
 HEADER = ("| model | window tokens | segments | pairs (kept at threshold) | windows | run.py windows/s | ours windows/s "
@@ -192,38 +202,20 @@ def format_row(model: str, row: dict, sample_size, threshold: float) -> str:
 
 
 def bench_batch_sizes(run, model, windows, sizes: list[int]) -> list[str]:
-    """Both ways at each tokens-per-forward on all pairs of 1024-token windows: CPU s/window and the matmuls' share.
+    """`bench_case` on all pairs of 1024-token windows at each tokens-per-forward, with the matmuls' share.
 
     Answers two questions the main table cannot: how much of each path is matrix multiplication
     (the part an exact method can only cut by the token ratio), and what each path does at its own
     best batch size rather than at a shared one.
     """
-    from torch.profiler import profile
-
-    def matmul_seconds(prof) -> float:
-        return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "aten::mm") / 1e6
-
     lines = []
     for size in sizes:
         settings = ProLongSettings(sample_size=None, window_size=1024, max_batch_tokens=size)
-        per_forward = size // settings.chunk_size
-        ours_score(model, windows[0][:384], settings, 0)  # warm-up of both at this size
-        official_score(run, model, windows[0][:384], settings, 0, per_forward)
-        cpu, matmul = {"official": 0.0, "ours": 0.0}, {"official": 0.0, "ours": 0.0}
-        for index, ids in enumerate(windows):
-            seed = window_seed(ids, settings.seed)
-            for who in ("official", "ours")[:: 1 if index % 2 else -1]:
-                with profile() as prof:
-                    if who == "ours":
-                        spent, _ = ours_score(model, ids, settings, seed)
-                    else:
-                        spent, _, _ = official_score(run, model, ids, settings, seed, per_forward)
-                cpu[who] += spent.cpu
-                matmul[who] += matmul_seconds(prof)
-        count = len(windows)
-        lines.append(f"| {size} | {cpu['official'] / count:.1f} ({matmul['official'] / cpu['official']:.0%}) | "
-                     f"{cpu['ours'] / count:.1f} ({matmul['ours'] / cpu['ours']:.0%}) | "
-                     f"**{cpu['official'] / cpu['ours']:.2f}×** | {matmul['official'] / matmul['ours']:.2f}× |")
+        bench_case(run, model, [windows[0][: 3 * settings.chunk_size]], settings)  # warm-up of both at this size
+        row = bench_case(run, model, windows, settings, matmul=True)
+        lines.append(f"| {size} | {row['cpu_official']:.1f} ({row['matmul_official'] / row['cpu_official']:.0%}) | "
+                     f"{row['cpu_ours']:.1f} ({row['matmul_ours'] / row['cpu_ours']:.0%}) | "
+                     f"**{row['cpu_ratio']:.2f}×** | {row['matmul_official'] / row['matmul_ours']:.2f}× |")
         print(lines[-1], flush=True)
     return lines
 
