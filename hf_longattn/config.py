@@ -319,24 +319,14 @@ class RunConfig:
         (``scorer_settings``) where LongAttn has ``min_distance`` and ``layer``.
         """
         name = SCORERS.resolve(scorer or self.scorer)
+        identity = {"hf_longattn_version": __version__, "checkpoint": checkpoint, "revision": self.revision,
+                    "tokenizer": self.tokenizer, "window_size": self.window_size, "faithful": self.faithful}
+        if name == "longattn_v1":
+            identity.update(min_distance=self.min_distance, layer=self.layer)
+        identity.update(dtype=self.dtype, chunk_size=self.chunk_size, scorer=name)
         if name != "longattn_v1":
-            return {"hf_longattn_version": __version__, "checkpoint": checkpoint, "revision": self.revision,
-                    "tokenizer": self.tokenizer, "window_size": self.window_size, "faithful": self.faithful,
-                    "dtype": self.dtype, "chunk_size": self.chunk_size, "scorer": name,
-                    "settings": SCORERS.get(name).settings_of(self)}
-        return {
-            "hf_longattn_version": __version__,
-            "checkpoint": checkpoint,
-            "revision": self.revision,
-            "tokenizer": self.tokenizer,
-            "window_size": self.window_size,
-            "faithful": self.faithful,
-            "min_distance": self.min_distance,
-            "layer": self.layer,
-            "dtype": self.dtype,
-            "chunk_size": self.chunk_size,
-            "scorer": name,
-        }
+            identity["settings"] = SCORERS.get(name).settings_of(self)
+        return identity
 
     def fingerprint(self, checkpoint: str, scorer: str | None = None) -> dict[str, Any]:
         """``{"fingerprint": sha256 of the identity, "config": identity}`` (see :meth:`fingerprint_config`)."""

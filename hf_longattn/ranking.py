@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import vocabulary as V
+from .lds import _minmax, _population_std, _zscore
 
 Item = tuple[tuple[str, float], ...]
 
@@ -111,8 +112,7 @@ def _column_stats(values: np.ndarray, column: str, normalization: str) -> dict[s
         return {f"{column}:{name}": None for name in names}
     ordered = np.sort(values)  # sums over sorted values: the statistics do not depend on row order
     if normalization == "zscore":
-        std = 0.0 if ordered[-1] == ordered[0] else float(ordered.std())
-        return {f"{column}:mean": float(ordered.mean()), f"{column}:std": std}
+        return {f"{column}:mean": float(ordered.mean()), f"{column}:std": _population_std(ordered)}
     return {f"{column}:min": float(ordered[0]), f"{column}:max": float(ordered[-1])}
 
 
@@ -121,12 +121,10 @@ def item_sum(values: Mapping[str, np.ndarray], item: Item, stats: Mapping[str, A
     total = None
     for column, weight in item:
         x = values[column]
-        if normalization == "zscore":
-            mean, std = stats[f"{column}:mean"], stats[f"{column}:std"]
-            normalised = np.zeros_like(x) if not std else (x - mean) / std
+        if normalization == "zscore":  # a group without valid rows has None statistics: Z = 0, min-max 0.5
+            normalised = _zscore(x, stats[f"{column}:mean"], stats[f"{column}:std"] or 0.0)
         else:
-            low, high = stats[f"{column}:min"], stats[f"{column}:max"]
-            normalised = np.full_like(x, 0.5) if high == low else (x - low) / (high - low)
+            normalised = _minmax(x, stats[f"{column}:min"], stats[f"{column}:max"])
         term = normalised if weight == 1.0 else weight * normalised
         total = term if total is None else total + term
     return total if total is not None else np.zeros(0)
