@@ -181,15 +181,6 @@ class LongAttnScorer(WindowScorer):
         return V.score_features(distances=len(self.config["min_distance"]), layers=len(self.config["layer"]),
                                 per_head=self.config["per_head"])
 
-    @classmethod
-    def from_run_config(cls, config, device: str | None = None) -> LongAttnScorer:
-        """The scorer a run (`hf_longattn.config.RunConfig`) asks for: windows of ``window_size`` tokens on ``device``."""
-        from .model_loading import resolve_model
-
-        return cls(resolve_model(config.model), tokenizer=config.tokenizer, revision=config.revision,
-                   max_length=config.window_size, min_distance=config.min_distance, layer=config.layer,
-                   dtype=config.dtype, device=device)
-
     # --- the model ------------------------------------------------------------------------------------
     def _load_model(self, device: torch.device, dtype: torch.dtype) -> Any:
         model, self.load_report = load_attention_model(

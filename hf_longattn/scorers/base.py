@@ -106,6 +106,8 @@ class WindowScorer:
     """The ranking value in words (``LDS (ProLong)``); default: its column's name."""
     add_special_tokens: ClassVar[bool] = True
     truncate: ClassVar[bool] = True
+    window_keyword: ClassVar[str] = "max_length"
+    """The constructor's keyword that `from_run_config` passes the run's ``window_size`` to."""
 
     # -- the protocol ------------------------------------------------------------------------------
     @classmethod
@@ -162,7 +164,7 @@ class WindowScorer:
         from ..model_loading import resolve_model
 
         return cls(resolve_model(config.model), tokenizer=config.tokenizer, revision=config.revision,
-                   max_length=config.window_size, dtype=config.dtype, device=device, **cls.settings_of(config))
+                   dtype=config.dtype, device=device, **{cls.window_keyword: config.window_size}, **cls.settings_of(config))
 
     # -- configuration, pickling, fingerprint -----------------------------------------------------------
     def _set_config(self, model: str, checkpoint: str, **values: Any) -> None:

@@ -102,6 +102,7 @@ class ProLongScorer(WindowScorer):
     SETTINGS = {"chunk_size": 128, "sample_size": 500, "threshold": 0.1, "seed": 11}
     add_special_tokens = False  # run.py:211-214 turns BOS/EOS off
     truncate = False  # a window longer than window_size keeps window_size // chunk_size segments, drawn in order
+    window_keyword = "window_size"
 
     def __init__(self, model: str, *, tokenizer: str | None = None, revision: str | None = None,
                  text_column: str = "text", input_ids_column: str = "input_ids", chunk_size: int = 128,
@@ -142,13 +143,6 @@ class ProLongScorer(WindowScorer):
         segment = layers * full_layer_cost(size, model_config) + size * hidden * vocab
         pair = layers * full_layer_cost(size - 1, model_config) + (size - 1) * (size * hidden + hidden * vocab)
         return float(min(segments, 2 * pairs) * segment + pairs * pair)
-
-    @classmethod
-    def from_run_config(cls, config, device: str | None = None) -> ProLongScorer:
-        from ..model_loading import resolve_model
-
-        return cls(resolve_model(config.model), tokenizer=config.tokenizer, revision=config.revision,
-                   window_size=config.window_size, dtype=config.dtype, device=device, **cls.settings_of(config))
 
     @property
     def prolong_settings(self) -> ProLongSettings:
