@@ -238,11 +238,8 @@ class LongAttnScorer(WindowScorer):
             for values in (layer_stats.dependency_strength, layer_stats.dependency_uniformity):
                 finite &= np.isfinite(values.cpu().numpy()).all(axis=1)
         if not finite.all():
-            detail = "non-finite attention statistics (overflow in the model's activations?)"
-            logger.warning("hf_longattn: %d window(s) not scored: %s", int((~finite).sum()), detail)
-            for b in np.flatnonzero(~finite):
-                out[V.STATUS][group[b].position] = V.NON_FINITE
-                out[V.STATUS_DETAIL][group[b].position] = detail
+            self._report([group[b] for b in np.flatnonzero(~finite)], V.NON_FINITE,
+                         "non-finite attention statistics (overflow in the model's activations?)", out)
         # Column of each threshold in the computed (valid-only) statistics; None where L <= k.
         distance_columns = [int(c) if ok else None for c, ok in zip(np.cumsum(valid) - 1, valid)]
         for b, row in enumerate(group):

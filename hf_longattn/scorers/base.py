@@ -400,6 +400,9 @@ class WindowScorer:
                 self._report(group, V.OOM if out_of_memory else V.ERROR, error_detail(error), out)
 
     def _report(self, rows: list[Row], status: str, detail: str, out: dict[str, list]) -> None:
+        """Mark ``rows`` with ``status`` and ``detail`` (their scores stay null) and log it once; no rows, nothing."""
+        if not rows:
+            return
         logger.warning("hf_longattn: %d window(s) not scored by %s: %s (%s)", len(rows), self.name, status, detail)
         _, status_column, detail_column = self.status_columns()
         for row in rows:

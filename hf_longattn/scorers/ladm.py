@@ -221,10 +221,10 @@ class LadmCdsScorer(WindowScorer):
         by_layer = torch.stack([cds_from_sums(sums[layer], self.config["ablation"]) for layer in self.layers], 1)
         by_layer = by_layer.cpu().numpy()  # (B, layers) float64
         finite = np.isfinite(by_layer).all(axis=1)
+        self._report([row for b, row in enumerate(group) if not finite[b]], V.NON_FINITE,
+                     "non-finite CDS (overflow in the model's activations?)", out)
         for b, row in enumerate(group):
             if not finite[b]:
-                out[STATUS][row.position] = V.NON_FINITE
-                out[STATUS_DETAIL][row.position] = "non-finite CDS (overflow in the model's activations?)"
                 continue
             out[CDS][row.position] = float(by_layer[b].mean())
             if CDS_BY_LAYER in out:
