@@ -130,6 +130,12 @@ def check_chunk(scores_dir: Path, index: int, expected_rows: int, fingerprint: s
     return check_chunk_record(scores_dir, index, record, expected_rows, fingerprint, digest)
 
 
+def unfinished_chunks(scores_dir: Path, plan: Any, fingerprint: str) -> list[int]:
+    """Indices of the chunks of ``plan`` (a `ChunkPlan`) that `check_chunk` does not find complete, in order."""
+    return [index for index, chunk in enumerate(plan.chunks)
+            if check_chunk(scores_dir, index, chunk.rows, fingerprint, chunk.digest) is not None]
+
+
 def check_chunk_record(scores_dir: Path, index: int, record: Any, expected_rows: int, fingerprint: str,
                        digest: str | None = None) -> str | None:
     """:func:`check_chunk` on a marker already read: ``record`` is its parsed content."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import LongAttnError
-from .chunks import check_chunk
+from .chunks import check_chunk, unfinished_chunks
 from .context import Run
 from .records import ChunkPlan, ExportRecord, ProbeRecord, PushRecord, SelectionRecord, ShardRecord, WindowsStats
 from ..storage import json_sha256, sha256_file
@@ -183,10 +183,8 @@ def _score(run: Run) -> str | None:
         plan = ChunkPlan.read_if_valid(view.folder.plan)
         if plan is None:
             return "no chunk plan"
-        fingerprint = view.fingerprint["fingerprint"]
         total += len(plan.chunks)
-        todo += sum(1 for index, chunk in enumerate(plan.chunks)
-                    if check_chunk(view.folder.scores, index, chunk.rows, fingerprint, chunk.digest) is not None)
+        todo += len(unfinished_chunks(view.folder.scores, plan, view.fingerprint["fingerprint"]))
     return f"{todo} of {total} chunk(s) to score" if todo else None
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import vocabulary as V
 from ..errors import LongAttnError
-from .chunks import check_chunk, score_chunk, write_chunk
+from .chunks import check_chunk, score_chunk, unfinished_chunks, write_chunk
 from .context import Run
 from .layout import chunk_name
 from .lock import claimed
@@ -34,10 +34,7 @@ def read_plan(run: Any) -> ChunkPlan:
 
 def pending_chunks(run: Any, plan: ChunkPlan | None = None) -> list[int]:
     """The chunks of the plan without a valid marker, in order."""
-    plan = plan or read_plan(run)
-    fingerprint = run.fingerprint["fingerprint"]
-    return [j for j, chunk in enumerate(plan.chunks)
-            if check_chunk(run.folder.scores, j, chunk.rows, fingerprint, chunk.digest) is not None]
+    return unfinished_chunks(run.folder.scores, plan or read_plan(run), run.fingerprint["fingerprint"])
 
 
 def score_task(run: Run) -> dict[str, int]:
